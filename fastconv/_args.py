@@ -1,0 +1,200 @@
+"""Argument normalisation, validation and output-size math for every fastconv op.
+
+Both engines (Numba on the CPU, CuPy on the GPU), the autograd Functions and the nn modules
+go through this module, so an argument means the same thing and fails with the same
+message everywhere.
+
+Errors subclass both the Pythonic exception (``ValueError`` / ``TypeError``) and
+``RuntimeError``, because PyTorch raises ``RuntimeError`` for the same mistakes and code that
+swaps ``nn.Conv2d`` for ``fastconv.Conv2D`` may already catch that.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+Pair = tuple[int, int]
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """An argument has the wrong value or a tensor the wrong shape."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """A tensor has a dtype the op or engine does not support."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors are on different devices, or on a device no engine serves."""
+
+
+def _is_int(value) -> bool:
+    # bool is an Integral but stride=True is always a mistake.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def pair(value, name: str, op: str) -> Pair:
+    """``value`` as ``(height, width)``: an int, or a tuple/list of two ints."""
+    if _is_int(value):
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        return int(value[0]), int(value[1])
+    if isinstance(value, (tuple, list)) and len(value) == 1 and _is_int(value[0]):
+        return int(value[0]), int(value[0])
+    raise ArgumentError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _at_least(values: Pair, low: int, name: str, op: str) -> Pair:
+    if min(values) < low:
+        raise ArgumentError(f"{op}: {name} must be >= {low} in each dimension, got {values}")
+    return values
+
+
+def out_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: int, dilation: int,
+             ceil_mode: bool = False) -> int:
+    """Output length along one axis, as ``torch.nn`` defines it.
+
+    ``floor((size + pad_lo + pad_hi - dilation*(kernel-1) - 1) / stride) + 1``; with ``ceil_mode``
+    (pooling only) the division rounds up, except that the last window must start inside the
+    input or the left padding, never wholly in the right padding.
+    """
+    span = size + pad_lo + pad_hi - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + pad_lo:
+        out -= 1
+    return out
+
+
+@dataclass(frozen=True)
+class Conv2dParams:
+    """Normalised conv2d options.
+
+    ``padding`` is ``(top, bottom, left, right)``: ``padding='same'`` with an even effective
+    kernel pads one more at the bottom/right, exactly as PyTorch does.
+    """
+
+    stride: Pair
+    padding: tuple[int, int, int, int]
+    dilation: Pair
+    groups: int
+
+    def output_hw(self, in_hw: Pair, kernel_hw: Pair) -> Pair:
+        top, bottom, left, right = self.padding
+        return (
+            out_size(in_hw[0], kernel_hw[0], self.stride[0], top, bottom, self.dilation[0]),
+            out_size(in_hw[1], kernel_hw[1], self.stride[1], left, right, self.dilation[1]),
+        )
+
+
+def conv2d_params(kernel_hw: Pair, stride=1, padding=0, dilation=1, groups=1,
+                  op: str = "conv2d") -> Conv2dParams:
+    """Validate and normalise conv2d options for a kernel of size ``kernel_hw``.
+
+    ``padding`` is an int, a pair, ``'valid'`` (no padding) or ``'same'`` (output size equals
+    input size; stride must be 1).
+    """
+    stride = _at_least(pair(stride, "stride", op), 1, "stride", op)
+    dilation = _at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    if not _is_int(groups) or groups < 1:
+        raise ArgumentError(f"{op}: groups must be a positive int, got {groups!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ArgumentError(
+                    f"{op}: padding='same' needs stride=1 in each dimension, got stride={stride}")
+            pads = ()
+            for k, d in zip(kernel_hw, dilation):
+                total = d * (k - 1)
+                pads += (total // 2, total - total // 2)
+        else:
+            raise ArgumentError(
+                f"{op}: padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    else:
+        ph, pw = _at_least(pair(padding, "padding", op), 0, "padding", op)
+        pads = (ph, ph, pw, pw)
+    return Conv2dParams(stride, pads, dilation, int(groups))
+
+
+# dtypes each engine computes in; the CUDA engine adds half precision when it lands.
+ENGINE_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+}
+
+
+def check_dtype(name: str, tensor: torch.Tensor, op: str) -> None:
+    """Refuse integer, bool and complex tensors, and float dtypes the engine lacks."""
+    allowed = ENGINE_DTYPES.get(tensor.device.type)
+    if tensor.dtype.is_complex or not tensor.dtype.is_floating_point:
+        raise DTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if allowed is not None and tensor.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise DTypeError(f"{op}: the {tensor.device.type.upper()} engine supports {names}; "
+                         f"{name} has dtype {tensor.dtype}")
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, other: torch.Tensor) -> None:
+    """``other`` must share ``ref``'s device and dtype."""
+    if other.device != ref.device:
+        raise DeviceError(f"{op}: {name} is on {other.device} but {ref_name} is on {ref.device}; "
+                          f"both must be on the same device")
+    if other.dtype != ref.dtype:
+        raise DTypeError(f"{op}: {name} has dtype {other.dtype} but {ref_name} has dtype "
+                         f"{ref.dtype}; both must have the same dtype")
+
+
+def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 params: Conv2dParams, op: str = "conv2d") -> tuple[int, ...]:
+    """Validate conv2d operands; returns the output shape (without a batch dim if unbatched).
+
+    input ``(N, C_in, H, W)`` or ``(C_in, H, W)``; weight ``(C_out, C_in/groups, kH, kW)``;
+    bias ``(C_out,)`` or None.
+    """
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() not in (3, 4):
+        raise ArgumentError(f"{op}: expected input of 3 dims (C, H, W) or 4 dims (N, C, H, W), "
+                            f"got {input.dim()} dims with shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ArgumentError(f"{op}: expected weight of 4 dims (C_out, C_in/groups, kH, kW), "
+                            f"got {weight.dim()} dims with shape {tuple(weight.shape)}")
+    check_dtype("input", input, op)
+    check_same(op, "input", input, "weight", weight)
+    c_in = input.shape[-3]
+    c_out, c_in_g, kh, kw = weight.shape
+    g = params.groups
+    if c_out == 0 or c_in_g == 0 or kh == 0 or kw == 0:
+        raise ArgumentError(f"{op}: weight must have no zero-size dimension, got shape "
+                            f"{tuple(weight.shape)}")
+    if c_in % g:
+        raise ArgumentError(f"{op}: groups={g} must divide the input channels, got {c_in}")
+    if c_out % g:
+        raise ArgumentError(f"{op}: groups={g} must divide the output channels "
+                            f"(weight.shape[0]), got {c_out}")
+    if c_in_g * g != c_in:
+        raise ArgumentError(
+            f"{op}: input has {c_in} channels but weight of shape {tuple(weight.shape)} with "
+            f"groups={g} expects {c_in_g * g} (weight.shape[1] * groups)")
+    if bias is not None:
+        check_same(op, "input", input, "bias", bias)
+        if tuple(bias.shape) != (c_out,):
+            raise ArgumentError(f"{op}: expected bias of shape ({c_out},) to match "
+                                f"weight.shape[0], got {tuple(bias.shape)}")
+    top, bottom, left, right = params.padding
+    h, w = input.shape[-2], input.shape[-1]
+    ho, wo = params.output_hw((h, w), (kh, kw))
+    if ho < 1 or wo < 1:
+        eff = (params.dilation[0] * (kh - 1) + 1, params.dilation[1] * (kw - 1) + 1)
+        raise ArgumentError(
+            f"{op}: kernel of size {eff} (dilation included) is larger than the padded input "
+            f"of size ({h + top + bottom}, {w + left + right}); output would be {ho}x{wo}")
+    return tuple(input.shape[:-3]) + (c_out, ho, wo)

@@ -1,0 +1,162 @@
+"""The ``fastconv`` command: ``demo`` (the seed lesson, end to end) and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import fastconv
+from fastconv import reference
+
+console = Console(highlight=False)
+
+
+def _median_seconds(fn, repeat: int) -> float:
+    fn()  # warm-up: JIT load, allocator, caches
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def band_image(h: int = 6, w: int = 8) -> torch.Tensor:
+    """The seed's image: ones with a vertical band of zeros in columns 2..w-3."""
+    X = torch.ones((h, w))
+    X[:, 2:w - 2] = 0
+    return X
+
+
+def learn_edge_kernel(lr: float = 3e-2, tol: float = 1e-2, max_steps: int = 500, seed: int = 0):
+    """Train ``Conv2D(1, 1, (1, 2), bias=False)`` on the seed's (X, Y) by plain gradient descent.
+
+    Stops once every weight is within ``tol`` of the edge kernel ``[1, -1]``. Returns
+    ``(layer, losses)``: losses[i] is the summed squared error at step i + 1.
+    """
+    torch.manual_seed(seed)
+    X = band_image()
+    K = torch.tensor([[1.0, -1.0]])
+    Y = reference.corr2d(X, K)
+    X, Y = X.reshape(1, 1, 6, 8), Y.reshape(1, 1, 6, 7)
+    layer = fastconv.Conv2D(1, 1, kernel_size=(1, 2), bias=False)
+    target = K.reshape(1, 1, 1, 2)
+    losses = []
+    for _ in range(max_steps):
+        loss = ((layer(X) - Y) ** 2).sum()
+        layer.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            layer.weight -= lr * layer.weight.grad
+        losses.append(loss.item())
+        if (layer.weight.detach() - target).abs().max() < tol:
+            break
+    return layer, losses
+
+
+def demo(args) -> int:
+    console.rule("[bold]1. Edge detection: cross-correlation with K = [1, -1]")
+    X = band_image()
+    K = torch.tensor([[1.0, -1.0]])
+    Y = fastconv.conv2d(X[None, None], K[None, None])[0, 0]
+    console.print("X (6x8, a band of zeros):\n", X)
+    console.print("fastconv.conv2d(X, K): +1 where 1 turns to 0, -1 where 0 turns to 1\n", Y)
+    if not torch.equal(Y, reference.corr2d(X, K)):
+        console.print("[red]fastconv disagrees with the seed's corr2d")
+        return 1
+
+    console.rule("[bold]2. Learning the kernel from (X, Y) by gradient descent")
+    layer, losses = learn_edge_kernel(seed=args.seed)
+    table = Table("step", "loss (sum of squares)")
+    for step, loss in enumerate(losses, 1):
+        if step % 2 == 0 or step == len(losses):
+            table.add_row(str(step), f"{loss:.6f}")
+    console.print(table)
+    learned = layer.weight.detach().reshape(-1)
+    converged = (learned - K.reshape(-1)).abs().max().item() < 1e-2
+    console.print(f"learned kernel {learned.tolist()} after {len(losses)} steps "
+                  f"({'within' if converged else '[red]NOT within'} 1e-2 of [1, -1])")
+    if not converged:
+        return 1
+
+    console.rule(f"[bold]3. Timing on a {args.size}x{args.size} image")
+    big = torch.rand(args.size, args.size)
+    x4, k4 = big[None, None], K[None, None]
+    start = time.perf_counter()
+    y_seed = reference.corr2d(big, K)
+    t_seed = time.perf_counter() - start
+    t_fast = _median_seconds(lambda: fastconv.conv2d(x4, k4), args.repeat)
+    t_torch = _median_seconds(lambda: torch.nn.functional.conv2d(x4, k4), args.repeat)
+    same = torch.allclose(fastconv.conv2d(x4, k4)[0, 0], y_seed, rtol=1e-6, atol=1e-6)
+    table = Table("implementation", "time", "speed-up over the seed loop")
+    table.add_row("seed loop corr2d (1 run)", f"{t_seed * 1e3:.1f} ms", "1x")
+    table.add_row(f"fastconv.conv2d (median of {args.repeat})", f"{t_fast * 1e3:.3f} ms",
+                  f"{t_seed / t_fast:,.0f}x")
+    table.add_row(f"torch F.conv2d (median of {args.repeat})", f"{t_torch * 1e3:.3f} ms",
+                  f"{t_seed / t_torch:,.0f}x")
+    console.print(table)
+    console.print("fastconv matches the seed loop" if same else "[red]fastconv != seed loop")
+    return 0 if same else 1
+
+
+def info(args) -> int:
+    from fastconv.cpu import _runtime
+    from fastconv.cuda import cupy_status, kernel_dir
+
+    import numba
+    import numpy
+
+    # Run one tiny conv so Numba has launched its threading layer and the BLAS is loaded.
+    fastconv.conv2d(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1))
+    table = Table("component", "status", show_header=False)
+    table.add_row("fastconv", fastconv.__version__)
+    table.add_row("python", f"{platform.python_version()} ({sys.executable})")
+    table.add_row("torch", f"{torch.__version__}, {torch.get_num_threads()} threads")
+    table.add_row("numpy", numpy.__version__)
+    table.add_row("numba", f"{numba.__version__}, threading layer "
+                  f"{_runtime.threading_layer()}, {numba.config.NUMBA_NUM_THREADS} threads at most")
+    for lib in _runtime.blas_info():
+        table.add_row("BLAS (Numba np.dot)", f"{lib['internal_api']} {lib.get('version')}, "
+                      f"{lib['num_threads']} threads, {lib['filepath']}")
+    table.add_row("CPU engine", f"usable, {_runtime.engine_threads()} threads "
+                  f"(follows torch.set_num_threads)")
+    usable, why = cupy_status()
+    table.add_row("CuPy", why)
+    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else "none visible to torch")
+    table.add_row("GPU", gpu)
+    table.add_row("CUDA engine", "not available in this version; CUDA tensors raise "
+                  "NotImplementedError")
+    try:
+        table.add_row("CUDA sources", str(kernel_dir()))
+    except FileNotFoundError as exc:
+        table.add_row("CUDA sources", f"[red]{exc}")
+    console.print(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastconv", description=fastconv.__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fastconv {fastconv.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="the seed lesson end to end: edge detection, learning a "
+                                    "kernel, timing against the seed loop and PyTorch")
+    p.add_argument("--size", type=int, default=256, help="side of the timing image (default 256)")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs for the fast versions")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the initial kernel")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("info", help="versions, engines and why an engine is unusable")
+    p.set_defaults(func=info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The Numba CPU engine: JIT-compiled kernels, parallel across cores (see ``_runtime``)."""
+
+from . import conv2d
+
+__all__ = ["conv2d"]

@@ -1,0 +1,97 @@
+"""How the Numba engine shares the machine with PyTorch and BLAS.
+
+Three hazards, each handled here once for every CPU kernel:
+
+* Thread count. fastconv uses ``torch.get_num_threads()`` threads, like any PyTorch op. With
+  the OpenMP threading layer Numba may share torch's ``libgomp.so.1``, and
+  ``numba.set_num_threads`` then calls ``omp_set_num_threads``, which silently changes
+  torch's own count; so the count is set to torch's and torch's is restored if it moved.
+* Oversubscription. Kernels call BLAS (``np.dot`` in Numba goes to SciPy's OpenBLAS) from
+  inside ``prange`` loops; BLAS must then run single-threaded. When there are fewer work
+  items than threads, the items run one at a time and BLAS gets the threads instead.
+* Concurrency. Numba's ``workqueue`` layer aborts the process when two Python threads enter
+  parallel code at once. fastconv asks for ``tbb`` or ``omp`` first (unless the user chose a
+  layer) and serialises its calls with a lock if ``workqueue`` is what Numba ended up with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import numba
+import torch
+
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    # Only reorders the default search; an explicit user choice wins.
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
+
+_launch_lock = threading.Lock()
+_layer: str | None = None
+_blas = None  # threadpoolctl controller for the BLAS that Numba's np.dot calls
+
+
+def threading_layer() -> str | None:
+    """The Numba threading layer in use, or None before any parallel kernel has run."""
+    global _layer
+    if _layer is None:
+        try:
+            _layer = numba.threading_layer()
+        except ValueError:  # not launched yet
+            return None
+    return _layer
+
+
+def _numba_blas():
+    """threadpoolctl handle on SciPy's BLAS (the one Numba's ``np.dot`` links to)."""
+    global _blas
+    if _blas is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba calls)
+        from threadpoolctl import ThreadpoolController
+
+        libs = [lib for lib in ThreadpoolController().select(user_api="blas").lib_controllers
+                if "scipy" in os.path.basename(os.path.dirname(lib.filepath))]
+        _blas = libs
+    return _blas
+
+
+def blas_info() -> list[dict]:
+    """Library, version and thread count of the BLAS the CPU engine calls."""
+    return [lib.info() for lib in _numba_blas()]
+
+
+def engine_threads() -> int:
+    """Threads the CPU engine uses: torch's count, capped by Numba's pool size."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+@contextlib.contextmanager
+def parallel_region(items: int):
+    """Run one Numba parallel kernel with ``items`` independent work items.
+
+    Yields the number of threads the kernel's ``prange`` will use. Numba runs ``prange`` with
+    torch's thread count when there are enough items; otherwise with one thread and BLAS gets
+    torch's count instead, so exactly torch's count of cores is ever busy.
+    """
+    torch_threads = torch.get_num_threads()
+    threads = engine_threads()
+    numba_threads = threads if items >= threads else 1
+    blas_threads = 1 if numba_threads > 1 else threads
+    blas = _numba_blas()
+    saved_blas = [lib.num_threads for lib in blas]
+    lock = _launch_lock if _layer in (None, "workqueue") else contextlib.nullcontext()
+    with lock:
+        saved_numba = numba.get_num_threads()
+        numba.set_num_threads(numba_threads)
+        for lib in blas:
+            lib.set_num_threads(blas_threads)
+        try:
+            yield numba_threads
+        finally:
+            for lib, n in zip(blas, saved_blas):
+                lib.set_num_threads(n)
+            numba.set_num_threads(saved_numba)
+            threading_layer()
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)

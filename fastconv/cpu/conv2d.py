@@ -1,0 +1,255 @@
+"""conv2d on the CPU: Numba kernels, forward and backward.
+
+Algorithm: per work item (image n, group g) an im2col of the input into a (K, Ho*Wo) matrix,
+K = C_in/groups * kH * kW, then one BLAS GEMM with the (C_out/groups, K) weight. A 1x1 kernel
+with stride 1 and no padding skips im2col: the input already is that matrix.
+
+Parallelism and determinism:
+* forward and grad_input: work items (n, g) write disjoint output slices, so ``prange`` over
+  them has no races;
+* grad_weight sums over the batch: the batch is cut into P fixed contiguous chunks (P depends
+  only on the thread count), each chunk reduces into its own buffer, and the buffers are
+  summed in chunk order, so the result is bitwise the same run to run;
+* grad_bias: one channel per iteration, accumulated in float64.
+
+Array views passed in: x5 (N, G, C_in/G, H, W), w3 (G, C_out/G, K), y4 (N, G, C_out/G, Ho*Wo).
+Indexing only with integers keeps Numba's C-contiguous layout, which ``np.dot`` requires.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .._args import Conv2dParams
+from ._runtime import engine_threads, parallel_region
+
+
+@njit(cache=True, nogil=True)
+def _col_range(off, sw, w, wo):
+    """Output columns ``[lo, hi)`` whose input column ``ow*sw - off`` lies in ``[0, w)``."""
+    lo = (off + sw - 1) // sw if off > 0 else 0
+    hi = (w - 1 + off) // sw + 1 if w - 1 + off >= 0 else 0
+    lo = min(lo, wo)
+    return lo, min(max(hi, lo), wo)
+
+
+@njit(cache=True, nogil=True)
+def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+    """col[(c*kh + i)*kw + j, oh*wo + ow] = x3[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw] or 0."""
+    cin, h, w = x3.shape
+    for c in range(cin):
+        for i in range(kh):
+            for j in range(kw):
+                row = col[(c * kh + i) * kw + j]
+                off = pl - j * dw
+                lo, hi = _col_range(off, sw, w, wo)
+                for oh in range(ho):
+                    ih = oh * sh - pt + i * dh
+                    base = oh * wo
+                    if ih < 0 or ih >= h:
+                        row[base:base + wo] = 0
+                        continue
+                    src = x3[c, ih]
+                    row[base:base + lo] = 0
+                    if sw == 1:
+                        row[base + lo:base + hi] = src[lo - off:hi - off]
+                    else:
+                        for ow in range(lo, hi):
+                            row[base + ow] = src[ow * sw - off]
+                    row[base + hi:base + wo] = 0
+
+
+@njit(cache=True, nogil=True)
+def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+    """Adjoint of ``_im2col``: x3 (zeroed by the caller) += scatter of col."""
+    cin, h, w = x3.shape
+    for c in range(cin):
+        for i in range(kh):
+            for j in range(kw):
+                row = col[(c * kh + i) * kw + j]
+                off = pl - j * dw
+                lo, hi = _col_range(off, sw, w, wo)
+                for oh in range(ho):
+                    ih = oh * sh - pt + i * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    dst = x3[c, ih]
+                    base = oh * wo
+                    if sw == 1:
+                        dst[lo - off:hi - off] += row[base + lo:base + hi]
+                    else:
+                        for ow in range(lo, hi):
+                            dst[ow * sw - off] += row[base + ow]
+
+
+@njit(cache=True, parallel=True)
+def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+    n_img, groups, cin_g, h, w = x5.shape
+    k = w3.shape[2]
+    for item in prange(n_img * groups):
+        n = item // groups
+        g = item % groups
+        out = y4[n, g]
+        if direct:
+            np.dot(w3[g], x5[n, g].reshape(cin_g, h * w), out)
+        else:
+            col = np.empty((k, ho * wo), dtype=x5.dtype)
+            _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
+            np.dot(w3[g], col, out)
+        if has_bias:
+            for oc in range(out.shape[0]):
+                out[oc] += b2[g, oc]
+
+
+@njit(cache=True, parallel=True)
+def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+    n_img, groups, cin_g, h, w = gx5.shape
+    k = w3.shape[2]
+    for item in prange(n_img * groups):
+        n = item // groups
+        g = item % groups
+        if direct:
+            np.dot(w3[g].T, gy4[n, g], gx5[n, g].reshape(cin_g, h * w))
+        else:
+            dcol = np.empty((k, ho * wo), dtype=gx5.dtype)
+            np.dot(w3[g].T, gy4[n, g], dcol)
+            gx = gx5[n, g]
+            gx[:] = 0
+            _col2im(dcol, gx, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
+
+
+@njit(cache=True, parallel=True)
+def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+    """part (P, G, C_out/G, K): chunk p's sum over its images of gy @ col.T."""
+    n_img, groups, cin_g, h, w = x5.shape
+    chunks = part.shape[0]
+    k = part.shape[3]
+    for item in prange(chunks * groups):
+        p = item // groups
+        g = item % groups
+        acc = part[p, g]
+        start = p * n_img // chunks
+        stop = (p + 1) * n_img // chunks
+        col = np.empty((k, ho * wo), dtype=x5.dtype)
+        tmp = np.empty_like(acc)
+        for n in range(start, stop):
+            if direct:
+                src = x5[n, g].reshape(cin_g, h * w)
+            else:
+                _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
+                src = col
+            if n == start:
+                np.dot(gy4[n, g], src.T, acc)
+            else:
+                np.dot(gy4[n, g], src.T, tmp)
+                acc += tmp
+
+
+@njit(cache=True, parallel=True)
+def _sum_chunks(part, out):
+    """out[g] = part[0, g] + part[1, g] + ... in chunk order (deterministic)."""
+    chunks, groups = part.shape[0], part.shape[1]
+    for g in prange(groups):
+        o = out[g]
+        o[:] = part[0, g]
+        for p in range(1, chunks):
+            o += part[p, g]
+
+
+@njit(cache=True, parallel=True)
+def _backward_bias(gy3, gb):
+    n_img, c_out, hw = gy3.shape
+    for c in prange(c_out):
+        acc = 0.0  # float64 accumulator: the sum runs over N*Ho*Wo terms
+        for n in range(n_img):
+            row = gy3[n, c]
+            for i in range(hw):
+                acc += row[i]
+        gb[c] = acc
+
+
+def _geometry(params: Conv2dParams, kernel_hw, out_hw):
+    top, _, left, _ = params.padding
+    return (kernel_hw[0], kernel_hw[1], params.stride[0], params.stride[1], top, left,
+            params.dilation[0], params.dilation[1], out_hw[0], out_hw[1])
+
+
+def _is_direct(params: Conv2dParams, kernel_hw) -> bool:
+    """1x1, stride 1, no padding: the input is its own im2col matrix."""
+    return tuple(kernel_hw) == (1, 1) and params.stride == (1, 1) and not any(params.padding)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   params: Conv2dParams) -> torch.Tensor:
+    """x (N, C_in, H, W), weight (C_out, C_in/G, kH, kW), bias (C_out,) -> (N, C_out, Ho, Wo)."""
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight.shape
+    g = params.groups
+    ho, wo = params.output_hw((h, w), (kh, kw))
+    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    xn = _np(x)
+    b2 = (_np(bias) if bias is not None else np.zeros(c_out, dtype=xn.dtype)).reshape(g, -1)
+    with parallel_region(n * g):
+        _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
+                 y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
+                 _is_direct(params, (kh, kw)), *_geometry(params, (kh, kw), (ho, wo)))
+    return y
+
+
+def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape,
+                          params: Conv2dParams) -> torch.Tensor:
+    """grad_out (N, C_out, Ho, Wo), weight (C_out, C_in/G, kH, kW) -> grad_input (N, C_in, H, W)."""
+    n, c_in, h, w = input_shape
+    c_out, cin_g, kh, kw = weight.shape
+    g = params.groups
+    _, _, ho, wo = grad_out.shape
+    gx = torch.empty((n, c_in, h, w), dtype=grad_out.dtype)
+    if gx.numel() == 0:
+        return gx
+    with parallel_region(n * g):
+        _backward_input(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
+                        _np(weight).reshape(g, c_out // g, -1),
+                        gx.numpy().reshape(n, g, cin_g, h, w), _is_direct(params, (kh, kw)),
+                        *_geometry(params, (kh, kw), (ho, wo)))
+    return gx
+
+
+def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape,
+                           params: Conv2dParams) -> torch.Tensor:
+    """grad_out (N, C_out, Ho, Wo), x (N, C_in, H, W) -> grad_weight (C_out, C_in/G, kH, kW)."""
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight_shape
+    g = params.groups
+    _, _, ho, wo = grad_out.shape
+    gw = torch.empty(tuple(weight_shape), dtype=x.dtype)
+    if n == 0:
+        return gw.zero_()
+    gw3 = gw.numpy().reshape(g, c_out // g, -1)
+    # Enough chunks to keep every thread busy; fixed for a given thread count.
+    chunks = min(n, -(-engine_threads() // g))
+    part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw3.dtype)
+    with parallel_region(chunks * g):
+        _backward_weight(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
+                         _np(x).reshape(n, g, cin_g, h, w), part, _is_direct(params, (kh, kw)),
+                         *_geometry(params, (kh, kw), (ho, wo)))
+    if chunks > 1:
+        with parallel_region(g):
+            _sum_chunks(part, gw3)
+    return gw
+
+
+def conv2d_backward_bias(grad_out: torch.Tensor) -> torch.Tensor:
+    """grad_out (N, C_out, Ho, Wo) -> grad_bias (C_out,)."""
+    n, c_out, ho, wo = grad_out.shape
+    gb = torch.empty(c_out, dtype=grad_out.dtype)
+    with parallel_region(c_out):
+        _backward_bias(_np(grad_out).reshape(n, c_out, ho * wo), gb.numpy())
+    return gb

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# First calls JIT-compile (or load cached) Numba code, so no per-example deadline.
+settings.register_profile("default", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("FASTCONV_HYPOTHESIS_PROFILE", "default"))
+
+
+def _cuda_engine_ready() -> bool:
+    # The CUDA engine (issue: CuPy kernels) is not part of this version yet.
+    return False
+
+
+cuda_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _cuda_engine_ready()),
+    reason="needs a CUDA GPU and fastconv's CUDA engine")
+
+# One test body for every device: `@pytest.mark.parametrize("device", DEVICES)`.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

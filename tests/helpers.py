@@ -1,0 +1,59 @@
+"""Comparison against PyTorch with tolerances that come from the dtype, not from guesswork."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grads(fn, tensors, grad_out, kwargs):
+    leaves = [t for t in tensors if t is not None and t.requires_grad]
+    out = fn(*tensors, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out) if leaves else ()
+    return [out.detach(), *grads]
+
+
+def _copy(tensors, dtype=None, transform=None):
+    result = []
+    for t in tensors:
+        if t is None:
+            result.append(None)
+            continue
+        c = t.detach()
+        if transform is not None:
+            c = transform(c)
+        result.append(c.to(dtype or c.dtype).requires_grad_(t.requires_grad))
+    return result
+
+
+def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, seed: int = 0):
+    """Check ``ours(*tensors, **kwargs)`` and every gradient against ``theirs`` (torch.nn.functional).
+
+    Truth is ``theirs`` in float64. Each element of ours (forward and every gradient) must be
+    within ``k`` times PyTorch's own worst error against that truth, plus 8 units of roundoff
+    of the element's condition scale (the same op on absolute values, i.e. sum |a||b| for a
+    convolution). A wrong index or a missing term is off by O(scale) and fails by orders of
+    magnitude; honest rounding differences pass.
+    """
+    kwargs = kwargs or {}
+    tensors = list(tensors)
+    dtype = next(t.dtype for t in tensors if t is not None)
+    out_shape = theirs(*_copy(tensors), **kwargs).shape
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    got = _grads(ours, _copy(tensors), grad_out.to(dtype), kwargs)
+    base = _grads(theirs, _copy(tensors), grad_out.to(dtype), kwargs)
+    truth = _grads(theirs, _copy(tensors, torch.float64), grad_out, kwargs)
+    scale = _grads(theirs, _copy(tensors, torch.float64, torch.abs), grad_out.abs(), kwargs)
+    eps = torch.finfo(dtype).eps
+    names = ["output"] + [f"grad[{i}]" for i, t in enumerate(tensors)
+                          if t is not None and t.requires_grad]
+    for name, g, b, t, s in zip(names, got, base, truth, scale):
+        assert g.shape == t.shape, f"{name}: shape {tuple(g.shape)} != {tuple(t.shape)}"
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype} != {dtype}"
+        err = (g.double() - t).abs()
+        torch_err = (b.double() - t).abs().max().item() if t.numel() else 0.0
+        tol = k * torch_err + 8 * eps * s
+        bad = err > tol
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst error "
+            f"{err.max().item():.3e} (PyTorch's own worst error {torch_err:.3e}, eps {eps:.1e})")

@@ -1,0 +1,276 @@
+"""fastconv.conv2d against torch.nn.functional.conv2d and the loop reference."""
+
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from helpers import assert_matches_torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv
+from fastconv import reference
+
+
+@st.composite
+def conv_cases(draw, max_size=9):
+    """Random conv2d operands and options, odd sizes included; always a valid output."""
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    options = [st.integers(0, 2), st.tuples(st.integers(0, 3), st.integers(0, 3)),
+               st.just("valid")]
+    if stride == (1, 1):
+        options.append(st.just("same"))
+    padding = draw(st.one_of(*options))
+    pads = {"valid": (0, 0), "same": (9, 9)}.get(padding, padding) if isinstance(padding, str) \
+        else (padding, padding) if isinstance(padding, int) else padding
+    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0])
+    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1])
+    h = draw(st.integers(min_h, min_h + max_size))
+    w = draw(st.integers(min_w, min_w + max_size))
+    batch = draw(st.sampled_from([None, 1, 2, 3]))  # None: unbatched (C, H, W)
+    shape = (cin, h, w) if batch is None else (batch, cin, h, w)
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    weight = torch.randn((cout, cin // groups, kh, kw), generator=gen)
+    bias = torch.randn(cout, generator=gen) if draw(st.booleans()) else None
+    return x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _on(device, dtype, *tensors, grad=True):
+    return [None if t is None else t.to(device, dtype).requires_grad_(grad) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(case=conv_cases())
+def test_matches_torch(device, dtype, case):
+    x, weight, bias, opts = case
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, dtype, x, weight, bias), opts)
+
+
+@given(case=conv_cases(max_size=4))
+def test_matches_loop_reference(case):
+    x, weight, bias, opts = case
+    x, weight, bias = _on("cpu", torch.float64, x, weight, bias, grad=False)
+    expected = reference.conv2d(x, weight, bias, **opts)
+    torch.testing.assert_close(fastconv.conv2d(x, weight, bias, **opts), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+GRADCHECK_CASES = [
+    dict(stride=1, padding=1, dilation=1, groups=1),
+    dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2),
+    dict(stride=1, padding="same", dilation=(2, 1), groups=1),
+    dict(stride=1, padding=0, dilation=1, groups=1),  # 1x1 direct path when kernel is 1x1
+    dict(stride=(2, 1), padding=1, dilation=2, groups=4),  # depthwise
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opts", GRADCHECK_CASES)
+@pytest.mark.parametrize("kernel", [(3, 2), (1, 1)])
+def test_gradcheck(device, opts, kernel):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 7, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(8, 4 // opts["groups"], *kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(8, generator=gen, dtype=torch.float64)
+    x, weight, bias = _on(device, torch.float64, x, weight, bias)
+    assert torch.autograd.gradcheck(lambda a, b, c: fastconv.conv2d(a, b, c, **opts),
+                                    (x, weight, bias))
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_saves_only_what_backward_needs(needs):
+    x = torch.randn(2, 3, 6, 6, requires_grad=needs[0])
+    weight = torch.randn(4, 3, 3, 3, requires_grad=needs[1])
+    y = fastconv.conv2d(x, weight, padding=1)
+    saved_input, saved_weight = y.grad_fn.saved_tensors
+    # grad_input needs only the weight, grad_weight only the input.
+    assert (saved_input is not None) == needs[1]
+    assert (saved_weight is not None) == needs[0]
+    y.sum().backward()
+    assert (x.grad is not None) == needs[0] and (weight.grad is not None) == needs[1]
+
+
+def test_bias_only_gradient():
+    x, weight = torch.randn(3, 2, 5, 5), torch.randn(4, 2, 3, 3)
+    bias = torch.randn(4, requires_grad=True)
+    grad_out = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    fastconv.conv2d(x, weight, bias).backward(grad_out.float())
+    torch.testing.assert_close(bias.grad.double(), grad_out.sum((0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(layout):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 9, 11, generator=gen)
+    weight = torch.randn(4, 3, 3, 3, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+        weight = weight.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        x = torch.randn(2, 12, 9, 22, generator=gen)[:, ::2, :, ::2]
+    assert not x.is_contiguous()
+    bias = torch.randn(4, generator=gen)
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", torch.float32, x, weight, bias),
+                         dict(stride=(1, 2), padding=1, groups=2))
+
+
+def test_expanded_grad_output():
+    # sum().backward() hands backward a stride-0 gradient.
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    fastconv.conv2d(x, weight).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    F.conv2d(x2, w2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 5, 5, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    y = fastconv.conv2d(x, weight, bias)
+    assert y.shape == (0, 4, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_deterministic_run_to_run():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, 12, 12, generator=gen, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 3, generator=gen, requires_grad=True)
+    grad_out = torch.randn(5, 6, 12, 12, generator=gen)
+    results = []
+    for _ in range(3):
+        y = fastconv.conv2d(x, weight, padding=1, groups=2)
+        gx, gw = torch.autograd.grad(y, (x, weight), grad_out)
+        results.append((y, gx, gw))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_keeps_torch_thread_count(threads):
+    torch.set_num_threads(threads)
+    x = torch.randn(8, 4, 10, 10, requires_grad=True)
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    fastconv.conv2d(x, weight, padding=1).sum().backward()
+    fastconv.conv2d(x[:1], weight).sum().backward()  # fewer items than threads: BLAS path
+    assert torch.get_num_threads() == threads
+
+
+def test_concurrent_python_threads():
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 4, 9, 9, generator=gen) for _ in range(8)]
+    weight = torch.randn(5, 4, 3, 3, generator=gen)
+    expected = [F.conv2d(x, weight, padding=1) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: fastconv.conv2d(x, weight, padding=1), xs * 5))
+    for i, y in enumerate(got):
+        torch.testing.assert_close(y, expected[i % len(xs)], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_threads_with_workqueue_layer():
+    """Numba's workqueue layer aborts on concurrent parallel calls; fastconv serialises them."""
+    code = textwrap.dedent("""
+        from concurrent.futures import ThreadPoolExecutor
+        import numba, torch, fastconv
+        x, w = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 3, 3)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: fastconv.conv2d(x, w).sum().item(), range(40)))
+        print(numba.threading_layer())
+    """)
+    env = {**__import__("os").environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "workqueue"
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+def _x(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+BAD_INPUTS = [
+    # (input, weight, bias, options, exception, words the message must contain)
+    (_x(1, 2, 3, 5, 5), _x(1, 3, 3, 3), None, {}, ValueError, ["input", "5 dims"]),
+    (_x(5, 5), _x(1, 1, 3, 3), None, {}, ValueError, ["input", "2 dims"]),
+    (_x(1, 3, 5, 5), _x(3, 3, 3), None, {}, ValueError, ["weight", "4 dims"]),
+    (_x(1, 4, 5, 5), _x(2, 3, 3, 3), None, {}, ValueError, ["4 channels", "expects 3"]),
+    (_x(1, 4, 5, 5), _x(3, 2, 3, 3), None, {"groups": 2}, ValueError, ["groups=2", "output"]),
+    (_x(1, 3, 5, 5), _x(2, 1, 3, 3), None, {"groups": 2}, ValueError, ["groups=2", "input"]),
+    (_x(1, 3, 5, 5), _x(2, 3, 3, 3), None, {"groups": 0}, ValueError, ["groups", "positive"]),
+    (_x(1, 1, 2, 2), _x(1, 1, 3, 3), None, {}, ValueError, ["larger than the padded input"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"dilation": 3}, ValueError, ["larger", "dilation"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"stride": 0}, ValueError, ["stride", ">= 1"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"dilation": (1, 0)}, ValueError,
+     ["dilation", ">= 1"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"padding": -1}, ValueError, ["padding", ">= 0"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"padding": "same", "stride": 2}, ValueError,
+     ["'same'", "stride=1"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"padding": "full"}, ValueError,
+     ["padding", "'valid', 'same'"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"stride": 1.5}, ValueError, ["stride", "int"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3), None, {"stride": (1, 2, 3)}, ValueError, ["stride"]),
+    (_x(1, 1, 5, 5, dtype=torch.int32), _x(1, 1, 3, 3, dtype=torch.int32), None, {}, TypeError,
+     ["input", "floating-point", "int32"]),
+    (_x(1, 1, 5, 5, dtype=torch.complex64), _x(1, 1, 3, 3, dtype=torch.complex64), None, {},
+     TypeError, ["input", "complex64"]),
+    (_x(1, 1, 5, 5, dtype=torch.bfloat16), _x(1, 1, 3, 3, dtype=torch.bfloat16), None, {},
+     TypeError, ["CPU engine supports", "bfloat16"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3, dtype=torch.float64), None, {}, TypeError,
+     ["weight", "float64", "input", "float32"]),
+    (_x(1, 1, 5, 5), _x(2, 1, 3, 3), _x(3), {}, ValueError, ["bias", "(2,)", "(3,)"]),
+    (_x(1, 1, 5, 5), _x(2, 1, 3, 3), _x(2, dtype=torch.float64), {}, TypeError,
+     ["bias", "float64"]),
+    (_x(1, 1, 5, 5), _x(2, 1, 3, 3), "bias", {}, ValueError, ["bias", "torch.Tensor"]),
+    (_x(1, 1, 5, 5), _x(2, 1, 0, 3), None, {}, ValueError, ["weight", "zero-size"]),
+    (_x(1, 1, 5, 5), _x(1, 1, 3, 3, dtype=torch.float32).to("meta"), None, {}, ValueError,
+     ["weight", "meta", "same device"]),
+]
+
+
+@pytest.mark.parametrize("x, weight, bias, opts, exc, words", BAD_INPUTS)
+def test_bad_input_is_refused_clearly(x, weight, bias, opts, exc, words):
+    with pytest.raises(exc) as info:
+        fastconv.conv2d(x, weight, bias, **opts)
+    assert isinstance(info.value, RuntimeError), "errors must also be RuntimeErrors, like torch's"
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+def test_unbatched_input_is_accepted():
+    x = torch.randn(2, 3, 5)
+    weight = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(fastconv.conv2d(x, weight, padding=1),
+                               F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_tensors_are_refused():
+    with pytest.raises(ValueError, match="computes on 'cpu'"):
+        fastconv.conv2d(_x(1, 1, 5, 5).to("meta"), _x(1, 1, 3, 3).to("meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_mixed_is_refused():
+    with pytest.raises(ValueError, match="same device"):
+        fastconv.conv2d(_x(1, 1, 5, 5).cuda(), _x(1, 1, 3, 3))
