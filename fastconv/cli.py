@@ -15,7 +15,7 @@ from rich.table import Table
 import fastconv
 from fastconv import reference
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _median_seconds(fn, repeat: int) -> float:

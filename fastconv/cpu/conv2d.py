@@ -1,8 +1,9 @@
 """conv2d on the CPU: Numba kernels, forward and backward.
 
-Algorithm: per work item (image n, group g) an im2col of the input into a (K, Ho*Wo) matrix,
-K = C_in/groups * kH * kW, then one BLAS GEMM with the (C_out/groups, K) weight. A 1x1 kernel
-with stride 1 and no padding skips im2col: the input already is that matrix.
+Algorithm: per work item (image n, group g), chunks of whole output rows (~256 columns) are
+im2col-ed into a (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and
+multiplied by the (C_out/groups, K) weight with BLAS. A 1x1 kernel with stride 1 and no padding
+skips im2col: the input already is that matrix.
 
 Parallelism and determinism:
 * forward and grad_input: work items (n, g) write disjoint output slices, so ``prange`` over
@@ -36,8 +37,10 @@ def _col_range(off, sw, w, wo):
 
 
 @njit(cache=True, nogil=True)
-def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
-    """col[(c*kh + i)*kw + j, oh*wo + ow] = x3[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw] or 0."""
+def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
+    """Output rows [oh0, oh1) of the im2col matrix: for q = (oh - oh0)*wo + ow,
+    col[(c*kh + i)*kw + j, q] = x3[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw], or 0 in the padding.
+    """
     cin, h, w = x3.shape
     for c in range(cin):
         for i in range(kh):
@@ -45,9 +48,9 @@ def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
                 row = col[(c * kh + i) * kw + j]
                 off = pl - j * dw
                 lo, hi = _col_range(off, sw, w, wo)
-                for oh in range(ho):
+                for oh in range(oh0, oh1):
                     ih = oh * sh - pt + i * dh
-                    base = oh * wo
+                    base = (oh - oh0) * wo
                     if ih < 0 or ih >= h:
                         row[base:base + wo] = 0
                         continue
@@ -62,8 +65,8 @@ def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
 
 
 @njit(cache=True, nogil=True)
-def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
-    """Adjoint of ``_im2col``: x3 (zeroed by the caller) += scatter of col."""
+def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
+    """Adjoint of ``_im2col`` for rows [oh0, oh1): x3 += scatter of col (caller zeroes x3)."""
     cin, h, w = x3.shape
     for c in range(cin):
         for i in range(kh):
@@ -71,12 +74,12 @@ def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
                 row = col[(c * kh + i) * kw + j]
                 off = pl - j * dw
                 lo, hi = _col_range(off, sw, w, wo)
-                for oh in range(ho):
+                for oh in range(oh0, oh1):
                     ih = oh * sh - pt + i * dh
                     if ih < 0 or ih >= h:
                         continue
                     dst = x3[c, ih]
-                    base = oh * wo
+                    base = (oh - oh0) * wo
                     if sw == 1:
                         dst[lo - off:hi - off] += row[base + lo:base + hi]
                     else:
@@ -84,10 +87,21 @@ def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
                             dst[ow * sw - off] += row[base + ow]
 
 
+# Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
+# is where BLAS runs fastest on these GEMM shapes (measured: 84 vs 71 GFLOP/s at M=64, K=576).
+_CHUNK_COLUMNS = 256
+
+
+@njit(cache=True, nogil=True)
+def _rows_per_chunk(ho, wo):
+    return min(ho, max(1, _CHUNK_COLUMNS // wo))
+
+
 @njit(cache=True, parallel=True)
 def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     n_img, groups, cin_g, h, w = x5.shape
-    k = w3.shape[2]
+    cout_g, k = w3.shape[1], w3.shape[2]
+    rows = _rows_per_chunk(ho, wo)
     for item in prange(n_img * groups):
         n = item // groups
         g = item % groups
@@ -95,29 +109,46 @@ def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, h
         if direct:
             np.dot(w3[g], x5[n, g].reshape(cin_g, h * w), out)
         else:
-            col = np.empty((k, ho * wo), dtype=x5.dtype)
-            _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
-            np.dot(w3[g], col, out)
+            col = np.empty((k, rows * wo), dtype=x5.dtype)
+            tmp = np.empty((cout_g, rows * wo), dtype=x5.dtype)
+            for oh0 in range(0, ho, rows):
+                oh1 = min(ho, oh0 + rows)
+                q = (oh1 - oh0) * wo
+                _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
+                if q == rows * wo:
+                    np.dot(w3[g], col, tmp)
+                else:  # last, shorter chunk: GEMM on exact-size contiguous copies
+                    tmp[:, :q] = np.dot(w3[g], col[:, :q].copy())
+                out[:, oh0 * wo:oh0 * wo + q] = tmp[:, :q]
         if has_bias:
-            for oc in range(out.shape[0]):
+            for oc in range(cout_g):
                 out[oc] += b2[g, oc]
 
 
 @njit(cache=True, parallel=True)
 def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     n_img, groups, cin_g, h, w = gx5.shape
-    k = w3.shape[2]
+    cout_g, k = w3.shape[1], w3.shape[2]
+    rows = _rows_per_chunk(ho, wo)
     for item in prange(n_img * groups):
         n = item // groups
         g = item % groups
         if direct:
             np.dot(w3[g].T, gy4[n, g], gx5[n, g].reshape(cin_g, h * w))
         else:
-            dcol = np.empty((k, ho * wo), dtype=gx5.dtype)
-            np.dot(w3[g].T, gy4[n, g], dcol)
             gx = gx5[n, g]
             gx[:] = 0
-            _col2im(dcol, gx, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
+            gy = np.empty((cout_g, rows * wo), dtype=gx5.dtype)
+            dcol = np.empty((k, rows * wo), dtype=gx5.dtype)
+            for oh0 in range(0, ho, rows):
+                oh1 = min(ho, oh0 + rows)
+                q = (oh1 - oh0) * wo
+                if q == rows * wo:
+                    gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
+                    np.dot(w3[g].T, gy, dcol)
+                else:
+                    dcol[:, :q] = np.dot(w3[g].T, gy4[n, g][:, oh0 * wo:oh0 * wo + q].copy())
+                _col2im(dcol, gx, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
 
 
 @njit(cache=True, parallel=True)
@@ -125,25 +156,32 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
     """part (P, G, C_out/G, K): chunk p's sum over its images of gy @ col.T."""
     n_img, groups, cin_g, h, w = x5.shape
     chunks = part.shape[0]
-    k = part.shape[3]
+    cout_g, k = part.shape[2], part.shape[3]
+    rows = _rows_per_chunk(ho, wo)
     for item in prange(chunks * groups):
         p = item // groups
         g = item % groups
         acc = part[p, g]
-        start = p * n_img // chunks
-        stop = (p + 1) * n_img // chunks
-        col = np.empty((k, ho * wo), dtype=x5.dtype)
+        acc[:] = 0
         tmp = np.empty_like(acc)
-        for n in range(start, stop):
-            if direct:
-                src = x5[n, g].reshape(cin_g, h * w)
-            else:
-                _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo)
-                src = col
-            if n == start:
-                np.dot(gy4[n, g], src.T, acc)
-            else:
-                np.dot(gy4[n, g], src.T, tmp)
+        if direct:
+            for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
+                np.dot(gy4[n, g], x5[n, g].reshape(cin_g, h * w).T, tmp)
+                acc += tmp
+            continue
+        col = np.empty((k, rows * wo), dtype=x5.dtype)
+        gy = np.empty((cout_g, rows * wo), dtype=x5.dtype)
+        for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
+            for oh0 in range(0, ho, rows):
+                oh1 = min(ho, oh0 + rows)
+                q = (oh1 - oh0) * wo
+                _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
+                if q == rows * wo:
+                    gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
+                    np.dot(gy, col.T, tmp)
+                else:
+                    tmp[:, :] = np.dot(gy4[n, g][:, oh0 * wo:oh0 * wo + q].copy(),
+                                       col[:, :q].T.copy())
                 acc += tmp
 
 

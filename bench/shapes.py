@@ -1,0 +1,65 @@
+"""The named shape suite: the one list every benchmark, report and smoke test uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv2d layer: input (batch, cin, h, w), weight (cout, cin/groups, k, k)."""
+
+    name: str
+    cin: int
+    cout: int
+    hw: int
+    k: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    batch: dict = field(default_factory=lambda: {"cpu": 8, "cuda": 32})
+    tags: tuple = ()
+
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.dilation * (self.k - 1) - 1) // self.stride + 1
+
+    def flops(self, batch: int) -> int:
+        """Forward multiply-adds x 2."""
+        return 2 * batch * self.cout * self.out_hw() ** 2 * (self.cin // self.groups) * self.k ** 2
+
+    def bytes(self, batch: int, itemsize: int = 4) -> int:
+        """Bytes of input, weight and output touched once (the memory-traffic floor)."""
+        elems = (batch * self.cin * self.hw ** 2 + self.cout * self.cin // self.groups * self.k ** 2
+                 + batch * self.cout * self.out_hw() ** 2)
+        return elems * itemsize
+
+    def options(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
+
+
+CONV_SHAPES = [
+    ConvShape("lenet-conv1", 1, 6, 28, 5, padding=2, batch={"cpu": 64, "cuda": 256}),
+    ConvShape("lenet-conv2", 6, 16, 14, 5, batch={"cpu": 64, "cuda": 256}),
+    ConvShape("resnet-stem-7x7s2", 3, 64, 224, 7, stride=2, padding=3),
+    ConvShape("resnet-3x3-64", 64, 64, 56, 3, padding=1, tags=("resnet-3x3",)),
+    ConvShape("resnet-1x1-256to64", 256, 64, 56, 1, tags=("resnet-1x1",)),
+    ConvShape("resnet-3x3s2-128", 128, 128, 56, 3, stride=2, padding=1, tags=("resnet-3x3",)),
+    ConvShape("resnet-3x3-256", 256, 256, 14, 3, padding=1, tags=("resnet-3x3",)),
+    ConvShape("resnet-1x1-512to2048", 512, 2048, 7, 1, tags=("resnet-1x1",)),
+    ConvShape("vgg-3x3-128", 128, 128, 112, 3, padding=1, batch={"cpu": 2, "cuda": 32}),
+    ConvShape("depthwise-3x3-256", 256, 256, 28, 3, padding=1, groups=256),
+    ConvShape("dilated-3x3-d2", 64, 64, 56, 3, padding=2, dilation=2),
+]
+
+# The seed lesson's edge detector ([1, -1] on one image), timed against the seed's own loop.
+DEMO_IMAGE_SIZE = 256
+
+
+def select(shapes, names: str | None):
+    """Shapes whose name contains any of the comma-separated ``names`` (all if None)."""
+    if not names:
+        return list(shapes)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    return [s for s in shapes if any(w in s.name for w in wanted)]

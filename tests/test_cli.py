@@ -1,0 +1,38 @@
+"""The fastconv command: demo and info."""
+
+import subprocess
+import sys
+
+import torch
+
+from fastconv import cli
+
+
+def test_learn_edge_kernel_converges():
+    layer, losses = cli.learn_edge_kernel(seed=0)
+    learned = layer.weight.detach().reshape(-1)
+    assert (learned - torch.tensor([1.0, -1.0])).abs().max() < 1e-2
+    assert losses[-1] < losses[0] / 100
+    assert all(b < a for a, b in zip(losses, losses[1:]))  # plain GD on a convex loss
+
+
+def test_demo_runs(capsys):
+    assert cli.main(["demo", "--size", "48", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    for text in ["Edge detection", "Learning the kernel", "within 1e-2", "seed loop corr2d",
+                 "fastconv.conv2d", "torch F.conv2d", "fastconv matches the seed loop"]:
+        assert text in out, text
+
+
+def test_info_reports_engines(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for text in ["torch", "numba", "threading layer", "BLAS", "CPU engine", "CuPy", "GPU",
+                 "CUDA sources"]:
+        assert text in out, text
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([sys.executable, "-m", "fastconv.cli", "--version"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("fastconv ")
