@@ -128,13 +128,19 @@ def conv2d_params(kernel_hw: Pair, stride=1, padding=0, dilation=1, groups=1,
 ENGINE_DTYPES = {
     "cpu": (torch.float32, torch.float64),
 }
+# Max pooling only compares, so integers work too (PyTorch accepts them; avg pooling it refuses).
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_dtype(name: str, tensor: torch.Tensor, op: str) -> None:
-    """Refuse integer, bool and complex tensors, and float dtypes the engine lacks."""
+def check_dtype(name: str, tensor: torch.Tensor, op: str, integers: bool = False) -> None:
+    """Refuse bool and complex tensors, integers unless ``integers``, and float dtypes the
+    engine lacks."""
+    if integers and tensor.dtype in INTEGER_DTYPES:
+        return
     allowed = ENGINE_DTYPES.get(tensor.device.type)
     if tensor.dtype.is_complex or not tensor.dtype.is_floating_point:
-        raise DTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        kind = "a floating-point or integer" if integers else "a floating-point"
+        raise DTypeError(f"{op}: {name} must be {kind} tensor, got dtype {tensor.dtype}")
     if allowed is not None and tensor.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise DTypeError(f"{op}: the {tensor.device.type.upper()} engine supports {names}; "
@@ -198,3 +204,58 @@ def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             f"{op}: kernel of size {eff} (dilation included) is larger than the padded input "
             f"of size ({h + top + bottom}, {w + left + right}); output would be {ho}x{wo}")
     return tuple(input.shape[:-3]) + (c_out, ho, wo)
+
+
+@dataclass(frozen=True)
+class Pool2dParams:
+    """Normalised pooling options; ``padding`` is symmetric ``(pH, pW)``."""
+
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    ceil_mode: bool
+
+    def output_hw(self, in_hw: Pair) -> Pair:
+        return tuple(out_size(in_hw[a], self.kernel[a], self.stride[a], self.padding[a],
+                              self.padding[a], self.dilation[a], self.ceil_mode)
+                     for a in (0, 1))
+
+
+def pool2d_params(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                  op: str = "max_pool2d") -> Pool2dParams:
+    """Validate and normalise pooling options; ``stride=None`` (or ``[]``) means the kernel size.
+
+    Padding may be at most half of ``kernel_size``, as ``nn.MaxPool2d`` documents and as
+    PyTorch enforces on its autograd path (its no-grad max pooling allows half the dilated
+    kernel, so an input accepted there would fail once it requires grad; fastconv uses the one
+    rule that holds on every path).
+    """
+    kernel = _at_least(pair(kernel_size, "kernel_size", op), 1, "kernel_size", op)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) \
+        else _at_least(pair(stride, "stride", op), 1, "stride", op)
+    padding = _at_least(pair(padding, "padding", op), 0, "padding", op)
+    dilation = _at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ArgumentError(f"{op}: padding must be at most half of kernel_size={kernel}, "
+                            f"got padding={padding}")
+    return Pool2dParams(kernel, stride, padding, dilation, bool(ceil_mode))
+
+
+def check_pool2d(input: torch.Tensor, params: Pool2dParams, op: str,
+                 integers: bool = False) -> tuple[int, ...]:
+    """Validate a pooling input (N, C, H, W) or (C, H, W); returns the output shape."""
+    if not isinstance(input, torch.Tensor):
+        raise ArgumentError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ArgumentError(f"{op}: expected input of 3 dims (C, H, W) or 4 dims (N, C, H, W), "
+                            f"got {input.dim()} dims with shape {tuple(input.shape)}")
+    check_dtype("input", input, op, integers=integers)
+    h, w = input.shape[-2:]
+    ho, wo = params.output_hw((h, w))
+    if ho < 1 or wo < 1:
+        raise ArgumentError(f"{op}: input of size ({h}, {w}) gives an output of size "
+                            f"({ho}, {wo}) with kernel_size={params.kernel}, "
+                            f"stride={params.stride}, padding={params.padding}, "
+                            f"dilation={params.dilation}; the output must be at least 1x1")
+    return tuple(input.shape[:-2]) + (ho, wo)

@@ -49,16 +49,30 @@ def corr2d_multi_in_out_1x1(X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return Y.reshape((c_o, h, w))
 
 
-def pool2d(X: torch.Tensor, pool_size, mode: str = "max") -> torch.Tensor:
-    """The seed's pooling loop: ``X`` (H, W), window ``pool_size``, stride 1, no padding."""
+def pool2d(X: torch.Tensor, pool_size, mode: str = "max", padding=0, stride=None) -> torch.Tensor:
+    """The seed's pooling loop, grown to padding, stride and channels.
+
+    ``X`` is (H, W), or (C, H, W) / (N, C, H, W) pooled per channel. Padding is -inf for max
+    and zeros for avg (counted in the mean, as ``nn.AvgPool2d`` does by default); ``stride``
+    defaults to 1 as in the seed (``nn`` layers default it to the window size).
+    """
     p_h, p_w = pair(pool_size, "pool_size", "pool2d")
+    (pad_h, pad_w), (s_h, s_w) = pair(padding, "padding", "pool2d"), pair(stride or 1, "stride",
+                                                                          "pool2d")
     if mode not in ("max", "avg"):
         raise ValueError(f"pool2d: mode must be 'max' or 'avg', got {mode!r}")
-    Y = torch.zeros((X.shape[0] - p_h + 1, X.shape[1] - p_w + 1), dtype=_result_dtype(X))
+    if X.dim() > 2:
+        return torch.stack([pool2d(x, pool_size, mode, padding, stride) for x in X], 0)
+    dtype = _result_dtype(X)
+    fill = float("-inf") if mode == "max" else 0.0
+    padded = torch.full((X.shape[0] + 2 * pad_h, X.shape[1] + 2 * pad_w), fill, dtype=dtype)
+    padded[pad_h:pad_h + X.shape[0], pad_w:pad_w + X.shape[1]] = X
+    Y = torch.zeros(((padded.shape[0] - p_h) // s_h + 1, (padded.shape[1] - p_w) // s_w + 1),
+                    dtype=dtype)
     for i in range(Y.shape[0]):
         for j in range(Y.shape[1]):
-            window = X[i:i + p_h, j:j + p_w]
-            Y[i, j] = window.max() if mode == "max" else window.to(Y.dtype).mean()
+            window = padded[i * s_h:i * s_h + p_h, j * s_w:j * s_w + p_w]
+            Y[i, j] = window.max() if mode == "max" else window.mean()
     return Y
 
 

@@ -1,5 +1,5 @@
 """The Numba CPU engine: JIT-compiled kernels, parallel across cores (see ``_runtime``)."""
 
-from . import conv2d
+from . import conv2d, pool2d
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "pool2d"]

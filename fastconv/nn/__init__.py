@@ -2,5 +2,6 @@
 
 from .conv2d import Conv2D
 from .convert import convert
+from .pool2d import AvgPool2D, MaxPool2D
 
-__all__ = ["Conv2D", "convert"]
+__all__ = ["AvgPool2D", "Conv2D", "MaxPool2D", "convert"]

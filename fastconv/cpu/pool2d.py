@@ -1,0 +1,230 @@
+"""max_pool2d and avg_pool2d on the CPU: Numba kernels, forward and backward.
+
+Layout: planes x (P = N*C, H, W), contiguous. Work items are (plane, output row) forward and
+(plane, input row) backward, so every item writes its own row: no races, and the result does
+not depend on the thread count.
+
+Order matches PyTorch's CPU kernels exactly, so results are bitwise equal to them:
+* forward scans each window row-major (kernel row outer, column inner). The loops run tap by
+  tap over a whole output row, which keeps the inner loop contiguous and vectorisable while
+  each output element still sees its window in that order. Max: a value wins if it is greater,
+  or NaN (so NaN propagates and the index is the last NaN's); a window of -inf (or of the
+  integer minimum) reports its first valid element. Avg: sum in that order, then divide.
+* backward gathers: an input row collects, from every output whose window covers it, in output
+  order, what PyTorch's scatter would add to it, in the same order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .._args import Pool2dParams
+from ._runtime import parallel_region
+
+
+@njit(cache=True, nogil=True)
+def _first_tap(start, dilation):
+    """Smallest start + t*dilation >= 0 (first kernel tap inside the input)."""
+    if start >= 0:
+        return start
+    return start + ((-start + dilation - 1) // dilation) * dilation
+
+
+@njit(cache=True, nogil=True)
+def _tap_range(j, sw, pad, dil, w, wo):
+    """Outputs ow whose tap j reads a column inside [0, w): ow*sw - pad + j*dil in [0, w)."""
+    off = pad - j * dil
+    lo = (off + sw - 1) // sw if off > 0 else 0
+    hi = (w - 1 + off) // sw + 1 if w - 1 + off >= 0 else 0
+    lo = min(lo, wo)
+    return lo, min(max(hi, lo), wo), off
+
+
+@njit(cache=True, parallel=True)
+def _max_forward(x3, y3, idx3, lowest, kh, kw, sh, sw, ph, pw, dh, dw):
+    planes, h, w = x3.shape
+    ho, wo = y3.shape[1], y3.shape[2]
+    for item in prange(planes * ho):
+        p = item // ho
+        oh = item % ho
+        y = y3[p, oh]
+        idx = idx3[p, oh]
+        idx[:] = -1
+        hs = oh * sh - ph
+        for i in range(kh):
+            ih = hs + i * dh
+            if ih < 0 or ih >= h:
+                continue
+            row = x3[p, ih]
+            for j in range(kw):
+                lo, hi, off = _tap_range(j, sw, pw, dw, w, wo)
+                for ow in range(lo, hi):
+                    iw = ow * sw - off
+                    v = row[iw]
+                    if idx[ow] < 0 or v > y[ow] or v != v:
+                        y[ow] = v
+                        idx[ow] = ih * w + iw
+        # A dilated window can miss the input entirely; PyTorch then reports the dtype's
+        # lowest value at its first tap.
+        ih0 = _first_tap(hs, dh)
+        for ow in range(wo):
+            if idx[ow] < 0:
+                y[ow] = lowest
+                idx[ow] = ih0 * w + _first_tap(ow * sw - pw, dw)
+
+
+@njit(cache=True, parallel=True)
+def _max_backward(gy3, idx3, gx3, kh, sh, ph, dh):
+    """gx[ih, c] = sum of gy[oh, ow] over outputs (in order) whose argmax is (ih, c)."""
+    planes, h, w = gx3.shape
+    ho, wo = gy3.shape[1], gy3.shape[2]
+    for item in prange(planes * h):
+        p = item // h
+        ih = item % h
+        gx = gx3[p, ih]
+        gx[:] = 0
+        # Output rows whose window spans row ih: oh*sh - ph <= ih <= oh*sh - ph + (kh-1)*dh.
+        oh_lo = max(0, (ih + ph - (kh - 1) * dh + sh - 1) // sh)
+        oh_hi = min(ho, (ih + ph) // sh + 1)
+        first = ih * w
+        for oh in range(oh_lo, oh_hi):
+            idx = idx3[p, oh]
+            gy = gy3[p, oh]
+            for ow in range(wo):
+                r = idx[ow] - first
+                if r >= 0 and r < w:
+                    gx[r] += gy[ow]
+
+
+@njit(cache=True, nogil=True)
+def _avg_divisor(oh, ow, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    """PyTorch's divisor: override, else the window clipped to the padded input (with padding)
+    or to the input (without)."""
+    if divisor > 0:
+        return divisor
+    hs = oh * sh - ph
+    ws = ow * sw - pw
+    he = min(hs + kh, h + ph)
+    we = min(ws + kw, w + pw)
+    if count_include_pad:
+        return (he - hs) * (we - ws)
+    return (min(he, h) - max(hs, 0)) * (min(we, w) - max(ws, 0))
+
+
+@njit(cache=True, nogil=True)
+def _avg_divisors(divs, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    """Fill divs (the data's dtype) with output row oh's divisors: float32 data must divide in
+    float32, as PyTorch does (float32 / int64 would compute in float64 in Numba)."""
+    for ow in range(divs.shape[0]):
+        divs[ow] = _avg_divisor(oh, ow, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _avg_forward(x3, y3, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    planes, h, w = x3.shape
+    ho, wo = y3.shape[1], y3.shape[2]
+    for item in prange(planes * ho):
+        p = item // ho
+        oh = item % ho
+        y = y3[p, oh]
+        y[:] = 0
+        divs = np.empty(wo, dtype=y3.dtype)
+        _avg_divisors(divs, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
+        hs = oh * sh - ph
+        for i in range(kh):
+            ih = hs + i
+            if ih < 0 or ih >= h:
+                continue
+            row = x3[p, ih]
+            for j in range(kw):
+                lo, hi, off = _tap_range(j, sw, pw, 1, w, wo)
+                for ow in range(lo, hi):
+                    y[ow] += row[ow * sw - off]
+        for ow in range(wo):
+            y[ow] /= divs[ow]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _avg_backward(gy3, gx3, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    """gx[ih, iw] = sum over covering outputs, in output order, of gy / divisor."""
+    planes, h, w = gx3.shape
+    ho, wo = gy3.shape[1], gy3.shape[2]
+    for item in prange(planes * h):
+        p = item // h
+        ih = item % h
+        gx = gx3[p, ih]
+        gx[:] = 0
+        oh_lo = max(0, (ih + ph - (kh - 1) + sh - 1) // sh)
+        oh_hi = min(ho, (ih + ph) // sh + 1)
+        divs = np.empty(wo, dtype=gx3.dtype)
+        for oh in range(oh_lo, oh_hi):
+            gy = gy3[p, oh]
+            _avg_divisors(divs, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
+            for ow in range(wo):
+                g = gy[ow] / divs[ow]
+                ws = ow * sw - pw
+                for iw in range(max(ws, 0), min(ws + kw, w)):
+                    gx[iw] += g
+
+
+def _planes(t: torch.Tensor) -> np.ndarray:
+    h, w = t.shape[-2:]
+    return t.detach().contiguous().numpy().reshape(-1, h, w)
+
+
+def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams):
+    """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices int64 (N, C, Ho, Wo) into H*W)."""
+    n, c, h, w = x.shape
+    ho, wo = params.output_hw((h, w))
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype)
+    idx = torch.empty((n, c, ho, wo), dtype=torch.int64)
+    if y.numel():
+        with parallel_region(n * c * ho):
+            xn = _planes(x)
+            lowest = -np.inf if x.dtype.is_floating_point else np.iinfo(xn.dtype).min
+            _max_forward(xn, y.numpy().reshape(-1, ho, wo), idx.numpy().reshape(-1, ho, wo),
+                         xn.dtype.type(lowest), *params.kernel, *params.stride,
+                         *params.padding, *params.dilation)
+    return y, idx
+
+
+def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
+                        params: Pool2dParams) -> torch.Tensor:
+    """grad_out and indices (N, C, Ho, Wo) -> grad_input (N, C, H, W)."""
+    n, c, h, w = input_shape
+    gx = torch.empty(tuple(input_shape), dtype=grad_out.dtype)
+    if gx.numel():
+        with parallel_region(n * c * h):
+            _max_backward(_planes(grad_out), _planes(indices), gx.numpy().reshape(-1, h, w),
+                          params.kernel[0], params.stride[0], params.padding[0],
+                          params.dilation[0])
+    return gx
+
+
+def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,
+                       divisor_override: int | None) -> torch.Tensor:
+    """x (N, C, H, W) -> (N, C, Ho, Wo)."""
+    n, c, h, w = x.shape
+    ho, wo = params.output_hw((h, w))
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype)
+    if y.numel():
+        with parallel_region(n * c * ho):
+            _avg_forward(_planes(x), y.numpy().reshape(-1, ho, wo), *params.kernel,
+                         *params.stride, *params.padding, count_include_pad,
+                         divisor_override or 0)
+    return y
+
+
+def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParams,
+                        count_include_pad: bool, divisor_override: int | None) -> torch.Tensor:
+    """grad_out (N, C, Ho, Wo) -> grad_input (N, C, H, W)."""
+    n, c, h, w = input_shape
+    gx = torch.empty(tuple(input_shape), dtype=grad_out.dtype)
+    if gx.numel():
+        with parallel_region(n * c * h):
+            _avg_backward(_planes(grad_out), gx.numpy().reshape(-1, h, w), *params.kernel,
+                          *params.stride, *params.padding, count_include_pad,
+                          divisor_override or 0)
+    return gx

@@ -1,0 +1,306 @@
+"""fastconv.max_pool2d / avg_pool2d and their modules against torch.nn.functional."""
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from helpers import assert_matches_torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+
+import fastconv
+from fastconv import reference
+from fastconv._args import out_size
+
+
+def _every_window_hits_input(size, k, s, p, d, ceil_mode):
+    """False when some dilated window has no tap inside the input (see test below)."""
+    return all(any(0 <= o * s - p + t * d < size for t in range(k))
+               for o in range(out_size(size, k, s, p, p, d, ceil_mode)))
+
+
+@st.composite
+def pool_cases(draw, avg=False):
+    """Random pooling input and options (every option, odd sizes), valid for PyTorch."""
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (1, 1) if avg else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ceil_mode = draw(st.booleans())
+    min_hw = [max(1, e - 2 * p) for e, p in zip(eff, padding)]
+    h = draw(st.integers(min_hw[0], min_hw[0] + 9))
+    w = draw(st.integers(min_hw[1], min_hw[1] + 9))
+    for size, a in ((h, 0), (w, 1)):
+        assume(_every_window_hits_input(size, kernel[a], (stride or kernel)[a], padding[a],
+                                        dilation[a], ceil_mode))
+    batch = draw(st.sampled_from([None, 1, 2]))
+    c = draw(st.integers(1, 3))
+    shape = (c, h, w) if batch is None else (batch, c, h, w)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    # Few distinct values: ties are common, so tie-breaking is tested too.
+    x = torch.randint(-4, 5, shape, generator=gen).double() + 0.25 * torch.rand(shape, generator=gen) \
+        * draw(st.sampled_from([0.0, 1.0]))
+    opts = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    if avg:
+        opts.update(count_include_pad=draw(st.booleans()),
+                    divisor_override=draw(st.sampled_from([None, 1, 3, 7])))
+    else:
+        opts["dilation"] = dilation
+    return x, opts
+
+
+def _leaf(x, device, dtype):
+    return x.to(device, dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(case=pool_cases())
+def test_max_pool2d_matches_torch(device, dtype, case):
+    x, opts = case
+    x = x.to(device, dtype)
+    ours, ours_idx = fastconv.max_pool2d(x, return_indices=True, **opts)
+    theirs, theirs_idx = F.max_pool2d(x, return_indices=True, **opts)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours_idx, theirs_idx)
+    assert_matches_torch(fastconv.max_pool2d, F.max_pool2d, [_leaf(x, device, dtype)], opts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(case=pool_cases(avg=True))
+def test_avg_pool2d_matches_torch(device, dtype, case):
+    x, opts = case
+    assert_matches_torch(fastconv.avg_pool2d, F.avg_pool2d, [_leaf(x, device, dtype)], opts)
+
+
+@given(case=pool_cases(avg=True))
+def test_avg_pool2d_is_bitwise_torch(case):
+    """Same summation order as PyTorch's CPU kernel: identical bits, forward and backward."""
+    x, opts = case
+    a, b = x.float().requires_grad_(), x.float().requires_grad_()
+    ya, yb = fastconv.avg_pool2d(a, **opts), F.avg_pool2d(b, **opts)
+    assert torch.equal(ya, yb)
+    grad = torch.randn_like(ya)
+    ya.backward(grad), yb.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@given(data=st.data())
+def test_matches_loop_reference(mode, data):
+    k = data.draw(st.integers(1, 3))
+    pad = data.draw(st.integers(0, k // 2))
+    stride = data.draw(st.integers(1, 3))
+    x = torch.randn(2, data.draw(st.integers(k, 8)), data.draw(st.integers(k, 8)),
+                    dtype=torch.float64)
+    expected = reference.pool2d(x, k, mode, padding=pad, stride=stride)
+    fn = fastconv.max_pool2d if mode == "max" else fastconv.avg_pool2d
+    torch.testing.assert_close(fn(x, k, stride, pad), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), ceil_mode=True),
+])
+def test_max_pool2d_gradcheck(opts):
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)  # no ties: continuous
+    assert torch.autograd.gradcheck(lambda t: fastconv.max_pool2d(t, **opts), (x,))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(2, 3), stride=(3, 1), padding=(1, 1), ceil_mode=True,
+         count_include_pad=False),
+    dict(kernel_size=2, divisor_override=3),
+])
+def test_avg_pool2d_gradcheck(opts):
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fastconv.avg_pool2d(t, **opts), (x,))
+
+
+def test_nan_propagates_and_indices_follow_torch():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[[[1.0, nan, 3.0, -inf],
+                        [nan, 2.0, -inf, -inf],
+                        [0.0, 0.0, 5.0, 5.0],
+                        [0.0, 0.0, 5.0, 5.0]]]])
+    for opts in [dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1),
+                 dict(kernel_size=2, stride=1, dilation=2)]:
+        ours, ours_idx = fastconv.max_pool2d(x, return_indices=True, **opts)
+        theirs, theirs_idx = F.max_pool2d(x, return_indices=True, **opts)
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+        assert torch.equal(ours_idx, theirs_idx)
+
+
+def test_window_missing_the_input():
+    """A dilated window can lie wholly in the padding: (1, 2) taps at columns -1 and 2 of a
+    2-wide input. Forward matches PyTorch (the dtype's lowest value, PyTorch's index). PyTorch's
+    backward then writes that window's gradient outside its plane (into the next plane, or past
+    the tensor); fastconv writes nothing for it."""
+    x = torch.tensor([[[[4.0, -4.0]]], [[[-2.0, 2.0]]]], requires_grad=True)
+    opts = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 3), return_indices=True)
+    y, idx = fastconv.max_pool2d(x, **opts)
+    ty, tidx = F.max_pool2d(x.detach(), **opts)
+    assert torch.equal(y, ty) and torch.equal(idx, tidx)
+    assert y.isneginf().all()
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
+def test_max_pool2d_integer_dtypes(dtype):
+    x = torch.randint(0, 100, (2, 3, 7, 9)).to(dtype)
+    for opts in [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, ceil_mode=True)]:
+        ours, ours_idx = fastconv.max_pool2d(x, return_indices=True, **opts)
+        theirs, theirs_idx = F.max_pool2d(x, return_indices=True, **opts)
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+        assert torch.equal(ours_idx, theirs_idx)
+
+
+def test_indices_work_with_max_unpool2d():
+    x = torch.randn(2, 3, 8, 10)
+    y, idx = fastconv.max_pool2d(x, 2, return_indices=True)
+    unpooled = F.max_unpool2d(y, idx, 2, output_size=x.shape[-2:])
+    assert torch.equal(unpooled, F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2,
+                                                output_size=x.shape[-2:]))
+    assert torch.equal(unpooled.amax((2, 3)), x.amax((2, 3)))
+
+
+def test_unbatched_input():
+    x = torch.randn(3, 9, 7)
+    y, idx = fastconv.max_pool2d(x, 3, 2, 1, return_indices=True)
+    ty, tidx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert torch.equal(y, ty) and torch.equal(idx, tidx)
+    assert torch.equal(fastconv.avg_pool2d(x, 2), F.avg_pool2d(x, 2))
+
+
+def test_max_pool2d_saves_only_indices():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = fastconv.max_pool2d(x, 2)
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved.dtype == torch.int64 and saved.shape == y.shape  # the argmax, not the input
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_deterministic_across_runs_and_threads(threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 17, 19, generator=gen, requires_grad=True)
+    grad = torch.randn(3, 4, 9, 10, generator=gen)
+    results = []
+    for _ in range(2):
+        outs = []
+        for fn in (lambda t: fastconv.max_pool2d(t, 3, 2, 1),
+                   lambda t: fastconv.avg_pool2d(t, 3, 2, 1)):
+            y = fn(x)
+            outs += [y, torch.autograd.grad(y, x, grad)[0]]
+        results.append(outs)
+    torch.set_num_threads(1)
+    y1 = fastconv.max_pool2d(x, 3, 2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.equal(y1, results[0][0])
+    assert torch.get_num_threads() == 1
+
+
+# -- modules ---------------------------------------------------------------------------------
+
+def test_module_signatures_match_torch():
+    assert inspect.signature(fastconv.MaxPool2D) == inspect.signature(nn.MaxPool2d)
+    assert inspect.signature(fastconv.AvgPool2D) == inspect.signature(nn.AvgPool2d)
+    assert issubclass(fastconv.MaxPool2D, nn.MaxPool2d)
+    assert issubclass(fastconv.AvgPool2D, nn.AvgPool2d)
+
+
+@pytest.mark.parametrize("ours, theirs, kwargs", [
+    (fastconv.MaxPool2D, nn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1, dilation=1,
+                                            ceil_mode=True)),
+    (fastconv.MaxPool2D, nn.MaxPool2d, dict(kernel_size=2, return_indices=True)),
+    (fastconv.AvgPool2D, nn.AvgPool2d, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1),
+                                            count_include_pad=False)),
+    (fastconv.AvgPool2D, nn.AvgPool2d, dict(kernel_size=2, divisor_override=2)),
+])
+def test_modules_match_torch(ours, theirs, kwargs):
+    a, b = ours(**kwargs), theirs(**kwargs)
+    assert repr(a).split("(", 1)[1] == repr(b).split("(", 1)[1]
+    x = torch.randn(2, 3, 9, 8)
+    ya, yb = a(x), b(x)
+    if kwargs.get("return_indices"):
+        assert torch.equal(ya[1], yb[1])
+        ya, yb = ya[0], yb[0]
+    assert torch.equal(ya, yb)
+
+
+def test_convert_swaps_pooling():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.ReLU())
+    x = torch.randn(2, 1, 10, 10)
+    expected = model(x)
+    fastconv.convert(model)
+    assert [type(m) for m in model] == [fastconv.Conv2D, fastconv.MaxPool2D, fastconv.AvgPool2D,
+                                        nn.ReLU]
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_seed_pooling_examples():
+    X = torch.arange(16, dtype=torch.float32).reshape((1, 1, 4, 4))
+    assert torch.equal(fastconv.MaxPool2D(3)(X), torch.tensor([[[[10.0]]]]))
+    assert torch.equal(fastconv.MaxPool2D(3, padding=1, stride=2)(X),
+                       torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
+    assert torch.equal(fastconv.MaxPool2D((2, 3), padding=(1, 1), stride=(2, 3))(X),
+                       torch.tensor([[[[1.0, 3.0], [9.0, 11.0], [13.0, 15.0]]]]))
+    X2 = torch.cat((X, X + 1), 1)
+    expected = torch.tensor([[[[5.0, 7.0], [13.0, 15.0]], [[6.0, 8.0], [14.0, 16.0]]]])
+    assert torch.equal(fastconv.MaxPool2D(3, padding=1, stride=2)(X2), expected)
+    assert torch.equal(reference.pool2d(X2[0], 3, padding=1, stride=2), expected[0])
+    assert torch.equal(reference.pool2d(X[0, 0], 3, stride=3), torch.tensor([[10.0]]))
+    assert torch.equal(reference.pool2d(X[0, 0], (2, 3), padding=(1, 1), stride=(2, 3)),
+                       torch.tensor([[1.0, 3.0], [9.0, 11.0], [13.0, 15.0]]))
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+BAD = [
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=0), ValueError,
+     ["kernel_size", ">= 1"]),
+    (fastconv.avg_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=(2, 0)), ValueError,
+     ["kernel_size", ">= 1"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=2, stride=0), ValueError,
+     ["stride", ">= 1"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=3, padding=2), ValueError,
+     ["padding", "at most half of kernel_size"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 9, 9), dict(kernel_size=3, padding=2, dilation=2),
+     ValueError, ["padding=(2, 2)", "at most half of kernel_size=(3, 3)"]),
+    (fastconv.avg_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=2, padding=-1), ValueError,
+     ["padding", ">= 0"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=2, dilation=0), ValueError,
+     ["dilation", ">= 1"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=5), ValueError,
+     ["output", "at least 1x1", "(4, 4)"]),
+    (fastconv.avg_pool2d, torch.zeros(4, 4), dict(kernel_size=2), ValueError,
+     ["input", "2 dims"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 1, 4, 4), dict(kernel_size=2), ValueError,
+     ["input", "5 dims"]),
+    (fastconv.avg_pool2d, torch.zeros(1, 1, 4, 4, dtype=torch.int64), dict(kernel_size=2),
+     TypeError, ["input", "floating-point", "int64"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4, dtype=torch.bool), dict(kernel_size=2),
+     TypeError, ["input", "bool"]),
+    (fastconv.max_pool2d, torch.zeros(1, 1, 4, 4, dtype=torch.float16), dict(kernel_size=2),
+     TypeError, ["CPU engine supports", "float16"]),
+    (fastconv.avg_pool2d, torch.zeros(1, 1, 4, 4), dict(kernel_size=2, divisor_override=0),
+     ValueError, ["divisor_override", "non-zero"]),
+    (fastconv.max_pool2d, [[1.0]], dict(kernel_size=1), ValueError, ["input", "torch.Tensor"]),
+]
+
+
+@pytest.mark.parametrize("fn, x, opts, exc, words", BAD)
+def test_bad_input_is_refused_clearly(fn, x, opts, exc, words):
+    with pytest.raises(exc) as info:
+        fn(x, **opts)
+    assert isinstance(info.value, RuntimeError)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
