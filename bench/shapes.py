@@ -53,6 +53,42 @@ CONV_SHAPES = [
     ConvShape("dilated-3x3-d2", 64, 64, 56, 3, padding=2, dilation=2),
 ]
 
+@dataclass(frozen=True)
+class PoolShape:
+    """A pooling layer over input (batch, c, hw, hw)."""
+
+    name: str
+    mode: str  # "max" or "avg"
+    c: int
+    hw: int
+    k: int
+    stride: int
+    padding: int = 0
+    batch: dict = field(default_factory=lambda: {"cpu": 32, "cuda": 32})
+
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.k) // self.stride + 1
+
+    def bytes(self, batch: int, itemsize: int = 4, passname: str = "fwd") -> int:
+        """Bytes that must move. Inference forward: read input, write output. Training
+        (fwdbwd) adds max pooling's int64 indices (written, then read) and the backward's read
+        of grad_output and write of grad_input."""
+        inp, out = batch * self.c * self.hw ** 2, batch * self.c * self.out_hw() ** 2
+        fwd = itemsize * (inp + out)
+        if passname == "fwd":
+            return fwd
+        idx = 2 * 8 * out if self.mode == "max" else 0
+        return 2 * fwd + idx
+
+    def options(self) -> dict:
+        return dict(kernel_size=self.k, stride=self.stride, padding=self.padding)
+
+
+POOL_SHAPES = [
+    PoolShape("maxpool-3x3s2-64x112", "max", 64, 112, 3, 2, padding=1),
+    PoolShape("avgpool-2x2s2-64x56", "avg", 64, 56, 2, 2),
+]
+
 # The seed lesson's edge detector ([1, -1] on one image), timed against the seed's own loop.
 DEMO_IMAGE_SIZE = 256
 

@@ -6,10 +6,10 @@ not depend on the thread count.
 
 Order matches PyTorch's CPU kernels exactly, so results are bitwise equal to them:
 * forward scans each window row-major (kernel row outer, column inner). The loops run tap by
-  tap over a whole output row, which keeps the inner loop contiguous and vectorisable while
-  each output element still sees its window in that order. Max: a value wins if it is greater,
-  or NaN (so NaN propagates and the index is the last NaN's); a window of -inf (or of the
-  integer minimum) reports its first valid element. Avg: sum in that order, then divide.
+  tap over a whole output row, which keeps the inner loop branch-free and vectorisable while
+  each output element still sees its window in that order. Max: start from the dtype's lowest
+  value at the window's first valid tap; a value wins if it is greater, or NaN (so NaN
+  propagates and the index is the last NaN's). Avg: sum in that order, then divide.
 * backward gathers: an input row collects, from every output whose window covers it, in output
   order, what PyTorch's scatter would add to it, in the same order.
 """
@@ -43,16 +43,26 @@ def _tap_range(j, sw, pad, dil, w, wo):
 
 
 @njit(cache=True, parallel=True)
-def _max_forward(x3, y3, idx3, lowest, kh, kw, sh, sw, ph, pw, dh, dw):
+def _max_forward(x3, y3, idx3, with_indices, lowest, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Max over each window; idx3 gets the argmax when ``with_indices``.
+
+    Exactly PyTorch's rule, written without branches so the row loop vectorises: start from
+    the dtype's lowest value and the window's first valid tap, then take each tap that is
+    greater or NaN.
+    """
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     for item in prange(planes * ho):
         p = item // ho
         oh = item % ho
         y = y3[p, oh]
-        idx = idx3[p, oh]
-        idx[:] = -1
+        y[:] = lowest
         hs = oh * sh - ph
+        if with_indices:
+            idx = idx3[p, oh]
+            ih0 = _first_tap(hs, dh)
+            for ow in range(wo):
+                idx[ow] = ih0 * w + _first_tap(ow * sw - pw, dw)
         for i in range(kh):
             ih = hs + i * dh
             if ih < 0 or ih >= h:
@@ -60,19 +70,19 @@ def _max_forward(x3, y3, idx3, lowest, kh, kw, sh, sw, ph, pw, dh, dw):
             row = x3[p, ih]
             for j in range(kw):
                 lo, hi, off = _tap_range(j, sw, pw, dw, w, wo)
-                for ow in range(lo, hi):
-                    iw = ow * sw - off
-                    v = row[iw]
-                    if idx[ow] < 0 or v > y[ow] or v != v:
-                        y[ow] = v
-                        idx[ow] = ih * w + iw
-        # A dilated window can miss the input entirely; PyTorch then reports the dtype's
-        # lowest value at its first tap.
-        ih0 = _first_tap(hs, dh)
-        for ow in range(wo):
-            if idx[ow] < 0:
-                y[ow] = lowest
-                idx[ow] = ih0 * w + _first_tap(ow * sw - pw, dw)
+                if with_indices:
+                    base = ih * w - off
+                    for ow in range(lo, hi):
+                        v = row[ow * sw - off]
+                        c = y[ow]
+                        take = v > c or v != v
+                        y[ow] = v if take else c
+                        idx[ow] = base + ow * sw if take else idx[ow]
+                else:
+                    for ow in range(lo, hi):
+                        v = row[ow * sw - off]
+                        c = y[ow]
+                        y[ow] = v if v > c or v != v else c
 
 
 @njit(cache=True, parallel=True)
@@ -174,20 +184,23 @@ def _planes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy().reshape(-1, h, w)
 
 
-def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams):
-    """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices int64 (N, C, Ho, Wo) into H*W)."""
+def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
+    """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices int64 (N, C, Ho, Wo) into H*W).
+
+    Without ``with_indices`` the indices are not computed (None): a third less memory traffic.
+    """
     n, c, h, w = x.shape
     ho, wo = params.output_hw((h, w))
     y = torch.empty((n, c, ho, wo), dtype=x.dtype)
-    idx = torch.empty((n, c, ho, wo), dtype=torch.int64)
+    idx = torch.empty((n, c, ho, wo) if with_indices else (1, 1, 1, 1), dtype=torch.int64)
     if y.numel():
         with parallel_region(n * c * ho):
             xn = _planes(x)
             lowest = -np.inf if x.dtype.is_floating_point else np.iinfo(xn.dtype).min
-            _max_forward(xn, y.numpy().reshape(-1, ho, wo), idx.numpy().reshape(-1, ho, wo),
-                         xn.dtype.type(lowest), *params.kernel, *params.stride,
+            _max_forward(xn, y.numpy().reshape(-1, ho, wo), idx.numpy().reshape(-1, *idx.shape[2:]),
+                         with_indices, xn.dtype.type(lowest), *params.kernel, *params.stride,
                          *params.padding, *params.dilation)
-    return y, idx
+    return y, idx if with_indices else None
 
 
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,

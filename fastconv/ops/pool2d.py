@@ -82,6 +82,11 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     """
     params = pool2d_params(kernel_size, stride, padding, dilation, ceil_mode, op="max_pool2d")
     check_pool2d(input, params, "max_pool2d", integers=True)
+    if not return_indices and not (input.requires_grad and torch.is_grad_enabled()):
+        # Inference: no autograd node, and no indices to write.
+        engine = engine_for(input, "max_pool2d").pool2d
+        return _batched(lambda x: engine.max_pool2d_forward(x, params, with_indices=False)[0],
+                        input)
     output, indices = _batched(MaxPool2dFunction.apply, input, params)
     return (output, indices) if return_indices else output
 
