@@ -25,15 +25,7 @@ from numba import njit, prange
 
 from .._args import Conv2dParams
 from ._runtime import engine_threads, parallel_region
-
-
-@njit(cache=True, nogil=True)
-def _col_range(off, sw, w, wo):
-    """Output columns ``[lo, hi)`` whose input column ``ow*sw - off`` lies in ``[0, w)``."""
-    lo = (off + sw - 1) // sw if off > 0 else 0
-    hi = (w - 1 + off) // sw + 1 if w - 1 + off >= 0 else 0
-    lo = min(lo, wo)
-    return lo, min(max(hi, lo), wo)
+from ._window import col_range, front
 
 
 @njit(cache=True, nogil=True)
@@ -47,7 +39,7 @@ def _im2col(x3, col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
             for j in range(kw):
                 row = col[(c * kh + i) * kw + j]
                 off = pl - j * dw
-                lo, hi = _col_range(off, sw, w, wo)
+                lo, hi = col_range(off, sw, w, wo)
                 for oh in range(oh0, oh1):
                     ih = oh * sh - pt + i * dh
                     base = (oh - oh0) * wo
@@ -73,7 +65,7 @@ def _col2im(col, x3, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
             for j in range(kw):
                 row = col[(c * kh + i) * kw + j]
                 off = pl - j * dw
-                lo, hi = _col_range(off, sw, w, wo)
+                lo, hi = col_range(off, sw, w, wo)
                 for oh in range(oh0, oh1):
                     ih = oh * sh - pt + i * dh
                     if ih < 0 or ih >= h:
@@ -109,17 +101,15 @@ def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, h
         if direct:
             np.dot(w3[g], x5[n, g].reshape(cin_g, h * w), out)
         else:
-            col = np.empty((k, rows * wo), dtype=x5.dtype)
-            tmp = np.empty((cout_g, rows * wo), dtype=x5.dtype)
+            col_buf = np.empty(k * rows * wo, dtype=x5.dtype)
+            y_buf = np.empty(cout_g * rows * wo, dtype=x5.dtype)
             for oh0 in range(0, ho, rows):
                 oh1 = min(ho, oh0 + rows)
                 q = (oh1 - oh0) * wo
+                col, y = front(col_buf, k, q), front(y_buf, cout_g, q)
                 _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
-                if q == rows * wo:
-                    np.dot(w3[g], col, tmp)
-                else:  # last, shorter chunk: GEMM on exact-size contiguous copies
-                    tmp[:, :q] = np.dot(w3[g], col[:, :q].copy())
-                out[:, oh0 * wo:oh0 * wo + q] = tmp[:, :q]
+                np.dot(w3[g], col, y)
+                out[:, oh0 * wo:oh0 * wo + q] = y
         if has_bias:
             for oc in range(cout_g):
                 out[oc] += b2[g, oc]
@@ -138,16 +128,14 @@ def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo
         else:
             gx = gx5[n, g]
             gx[:] = 0
-            gy = np.empty((cout_g, rows * wo), dtype=gx5.dtype)
-            dcol = np.empty((k, rows * wo), dtype=gx5.dtype)
+            gy_buf = np.empty(cout_g * rows * wo, dtype=gx5.dtype)
+            dcol_buf = np.empty(k * rows * wo, dtype=gx5.dtype)
             for oh0 in range(0, ho, rows):
                 oh1 = min(ho, oh0 + rows)
                 q = (oh1 - oh0) * wo
-                if q == rows * wo:
-                    gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
-                    np.dot(w3[g].T, gy, dcol)
-                else:
-                    dcol[:, :q] = np.dot(w3[g].T, gy4[n, g][:, oh0 * wo:oh0 * wo + q].copy())
+                gy, dcol = front(gy_buf, cout_g, q), front(dcol_buf, k, q)
+                gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
+                np.dot(w3[g].T, gy, dcol)
                 _col2im(dcol, gx, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
 
 
@@ -169,19 +157,16 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
                 np.dot(gy4[n, g], x5[n, g].reshape(cin_g, h * w).T, tmp)
                 acc += tmp
             continue
-        col = np.empty((k, rows * wo), dtype=x5.dtype)
-        gy = np.empty((cout_g, rows * wo), dtype=x5.dtype)
+        col_buf = np.empty(k * rows * wo, dtype=x5.dtype)
+        gy_buf = np.empty(cout_g * rows * wo, dtype=x5.dtype)
         for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
             for oh0 in range(0, ho, rows):
                 oh1 = min(ho, oh0 + rows)
                 q = (oh1 - oh0) * wo
+                col, gy = front(col_buf, k, q), front(gy_buf, cout_g, q)
                 _im2col(x5[n, g], col, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
-                if q == rows * wo:
-                    gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
-                    np.dot(gy, col.T, tmp)
-                else:
-                    tmp[:, :] = np.dot(gy4[n, g][:, oh0 * wo:oh0 * wo + q].copy(),
-                                       col[:, :q].T.copy())
+                gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
+                np.dot(gy, col.T, tmp)
                 acc += tmp
 
 

@@ -22,24 +22,16 @@ from numba import njit, prange
 
 from .._args import Pool2dParams
 from ._runtime import parallel_region
-
-
-@njit(cache=True, nogil=True)
-def _first_tap(start, dilation):
-    """Smallest start + t*dilation >= 0 (first kernel tap inside the input)."""
-    if start >= 0:
-        return start
-    return start + ((-start + dilation - 1) // dilation) * dilation
+from ._window import col_range, covering_rows, first_tap
 
 
 @njit(cache=True, nogil=True)
 def _tap_range(j, sw, pad, dil, w, wo):
-    """Outputs ow whose tap j reads a column inside [0, w): ow*sw - pad + j*dil in [0, w)."""
+    """Outputs ``[lo, hi)`` whose tap j reads a column inside [0, w), and the offset ``off``
+    with input column ``ow*sw - off``."""
     off = pad - j * dil
-    lo = (off + sw - 1) // sw if off > 0 else 0
-    hi = (w - 1 + off) // sw + 1 if w - 1 + off >= 0 else 0
-    lo = min(lo, wo)
-    return lo, min(max(hi, lo), wo), off
+    lo, hi = col_range(off, sw, w, wo)
+    return lo, hi, off
 
 
 @njit(cache=True, parallel=True)
@@ -60,9 +52,9 @@ def _max_forward(x3, y3, idx3, with_indices, lowest, kh, kw, sh, sw, ph, pw, dh,
         hs = oh * sh - ph
         if with_indices:
             idx = idx3[p, oh]
-            ih0 = _first_tap(hs, dh)
+            ih0 = first_tap(hs, dh)
             for ow in range(wo):
-                idx[ow] = ih0 * w + _first_tap(ow * sw - pw, dw)
+                idx[ow] = ih0 * w + first_tap(ow * sw - pw, dw)
         for i in range(kh):
             ih = hs + i * dh
             if ih < 0 or ih >= h:
@@ -95,9 +87,7 @@ def _max_backward(gy3, idx3, gx3, kh, sh, ph, dh):
         ih = item % h
         gx = gx3[p, ih]
         gx[:] = 0
-        # Output rows whose window spans row ih: oh*sh - ph <= ih <= oh*sh - ph + (kh-1)*dh.
-        oh_lo = max(0, (ih + ph - (kh - 1) * dh + sh - 1) // sh)
-        oh_hi = min(ho, (ih + ph) // sh + 1)
+        oh_lo, oh_hi = covering_rows(ih, kh, sh, ph, dh, ho)
         first = ih * w
         for oh in range(oh_lo, oh_hi):
             idx = idx3[p, oh]
@@ -166,8 +156,7 @@ def _avg_backward(gy3, gx3, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
         ih = item % h
         gx = gx3[p, ih]
         gx[:] = 0
-        oh_lo = max(0, (ih + ph - (kh - 1) + sh - 1) // sh)
-        oh_hi = min(ho, (ih + ph) // sh + 1)
+        oh_lo, oh_hi = covering_rows(ih, kh, sh, ph, 1, ho)
         divs = np.empty(wo, dtype=gx3.dtype)
         for oh in range(oh_lo, oh_hi):
             gy = gy3[p, oh]
