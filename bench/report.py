@@ -1,63 +1,59 @@
-"""Summarise a pytest-benchmark JSON: per group, each implementation's median and the speed ratio.
+"""Summarise a pytest-benchmark JSON with the same table as ``fastconv bench``.
 
     pytest bench --benchmark-only --benchmark-json=run.json && python bench/report.py run.json
+    python bench/report.py run.json --compare old.json      # regressions highlighted
 
-ratio = baseline median / fastconv median, both from the same run (> 1: fastconv is faster).
-The geometric mean of the ratios closes the table.
+speed-up = PyTorch median / fastconv median from the same run (above 1: fastconv is faster);
+% peak uses the ceilings (copy bandwidth, GEMM) timed in the same run. The geometric mean of
+the speed-ups closes the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections import defaultdict
 
 from rich.console import Console
 from rich.table import Table
 
+from fastconv import benchmark
 
-def summarise(data: dict, ours: str = "fastconv", baselines=("torch", "seed-loop")):
-    groups = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]][bench["extra_info"]["impl"]] = bench
-    rows = []
-    for group, impls in groups.items():
-        if ours not in impls:
-            continue
-        mine = impls[ours]["stats"]["median"]
-        for base in baselines:
-            if base in impls:
-                other = impls[base]["stats"]["median"]
-                flops = impls[ours]["extra_info"].get("flops")
-                rows.append(dict(group=group, baseline=base, ours=mine, theirs=other,
-                                 ratio=other / mine, gflops=flops / mine / 1e9 if flops else None,
-                                 base_gflops=flops / other / 1e9 if flops else None))
-    return rows
+
+def demo_table(data: dict):
+    """The demo-image group: the seed's loop against the fast versions."""
+    rows = {b["extra_info"]["impl"]: b["stats"]["median"] for b in data["benchmarks"]
+            if b["group"].startswith("demo-image")}
+    if "seed-loop" not in rows:
+        return None
+    table = Table("demo image (edge detector)", "median", "speed-up over the seed loop")
+    for impl, t in rows.items():
+        table.add_row(impl, f"{t * 1e3:.3f} ms", f"{rows['seed-loop'] / t:,.0f}x")
+    return table
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--compare", help="an earlier run's JSON (pytest-benchmark or fastconv)")
+    parser.add_argument("--threshold", type=float, default=0.10)
     args = parser.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
-    rows = summarise(data)
-    table = Table("benchmark", "fastconv median", "baseline median", "ratio (baseline/fastconv)",
-                  "fastconv GFLOP/s", "baseline GFLOP/s")
-    for r in rows:
-        table.add_row(f"{r['group']} vs {r['baseline']}", f"{r['ours'] * 1e3:.3f} ms",
-                      f"{r['theirs'] * 1e3:.3f} ms", f"{r['ratio']:.2f}x",
-                      f"{r['gflops']:.1f}" if r["gflops"] else "",
-                      f"{r['base_gflops']:.1f}" if r["base_gflops"] else "")
-    torch_rows = [r["ratio"] for r in rows if r["baseline"] == "torch"]
-    if torch_rows:
-        geo = math.exp(sum(math.log(r) for r in torch_rows) / len(torch_rows))
-        table.add_row("geometric mean vs torch", "", "", f"{geo:.2f}x", "", "")
-    Console(highlight=False, width=160).print(table)
-    machine = data.get("machine_info", {})
-    print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
-          f"{machine.get('cpu', {}).get('count', '?')} logical CPUs; {data.get('datetime', '')}")
+    report = benchmark.from_pytest_benchmark(data)
+    console = Console(highlight=False, width=150)
+    console.print(benchmark.results_table(report))
+    demo = demo_table(data)
+    if demo is not None:
+        console.print(demo)
+    peaks = report.get("peaks") or {}
+    console.print("ceilings in this run: " + (", ".join(
+        [f"{peaks['gemm_gflops']:.1f} GFLOP/s GEMM"] * ("gemm_gflops" in peaks)
+        + [f"{peaks['copy_gbs']:.1f} GB/s copy"] * ("copy_gbs" in peaks)) or "not measured")
+        + f"; {report['machine'].get('cpu')}, {report['machine'].get('logical_cpus')} "
+          f"logical CPUs; {report.get('created')}")
+    if args.compare:
+        changes = benchmark.compare(benchmark.load_report(args.compare), report, args.threshold)
+        console.print(benchmark.compare_table(changes, args.threshold))
     return 0
 
 

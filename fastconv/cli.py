@@ -1,8 +1,10 @@
-"""The ``fastconv`` command: ``demo`` (the seed lesson, end to end) and ``info``."""
+"""The ``fastconv`` command: ``demo`` (the seed lesson, end to end), ``bench`` (the shape suite
+against PyTorch), ``profile`` (training steps under torch.profiler) and ``info``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -142,6 +144,71 @@ def info(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastconv import benchmark
+
+    dtype = benchmark.DTYPES[args.dtype]
+    passes = benchmark.PASSES if args.passname == "both" else (args.passname,)
+    shapes = benchmark.select_shapes(args.shapes)
+    if not shapes:
+        console.print(f"[red]no shape in the suite matches --shapes {args.shapes!r}")
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]--device cuda: no CUDA device is visible to torch")
+        return 2
+    total = benchmark.case_count(shapes, passes) + 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task("fastconv bench", total=total)
+
+        def progress(description):
+            bar.update(task, description=description)
+            bar.advance(task)
+
+        report = benchmark.run_suite(shapes, args.device, dtype, passes, args.rounds,
+                                     args.warmup, tf32=args.tf32, progress=progress)
+    peaks = report["peaks"]
+    # Logs and pipes get the full table instead of an 80-column squeeze.
+    tables = console if console.is_terminal else Console(highlight=False, width=150)
+    tables.print(benchmark.results_table(report))
+    console.print(f"ceilings measured in this run: {peaks['gemm_gflops']:.1f} GFLOP/s "
+                  f"({peaks['gemm']}), {peaks['copy_gbs']:.1f} GB/s ({peaks['copy']}); "
+                  f"{report['machine']['cpu']}, {torch.get_num_threads()} torch threads"
+                  + (f"; {report['machine']['gpu']}" if "gpu" in report["machine"] else ""))
+    for r in report["results"]:
+        if r["status"] != "ok":
+            console.print(f"[{'red' if r['status'] == 'wrong' else 'yellow'}]{r['shape']} "
+                          f"{r['pass']} {r['impl']}: {r['status']}: {r['error']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        console.print(f"JSON report: {args.json}")
+    if args.plot:
+        console.print(f"plot: {benchmark.plot(report, args.plot)}")
+    rc = 1 if any(r["status"] == "wrong" for r in report["results"]) else 0
+    if args.compare:
+        changes = benchmark.compare(benchmark.load_report(args.compare), report, args.threshold)
+        tables.print(benchmark.compare_table(changes, args.threshold))
+        regressions = [c for c in changes if c["regression"]]
+        console.print(f"{len(regressions)} regression(s) against {args.compare}")
+        if regressions and args.fail_on_regression:
+            rc = rc or 3
+    return rc
+
+
+def profile(args) -> int:
+    from fastconv import profiler
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]--device cuda: no CUDA device is visible to torch")
+        return 2
+    profiler.run(args.device, args.steps, args.batch, args.out, args.top, console=console)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastconv", description=fastconv.__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"fastconv {fastconv.__version__}")
@@ -152,6 +219,37 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=20, help="timed runs for the fast versions")
     p.add_argument("--seed", type=int, default=0, help="random seed for the initial kernel")
     p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="time the shape suite against PyTorch: a table, JSON, "
+                                     "a plot, a comparison with an earlier run")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16",
+                                                          "bfloat16"])
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated substrings of shape names (default: the whole suite; "
+                        "'smoke' selects the tiny shapes)")
+    p.add_argument("--pass", dest="passname", default="both", choices=["fwd", "fwdbwd", "both"])
+    p.add_argument("--rounds", type=int, default=5, help="timed calls per case (median taken)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
+    p.add_argument("--tf32", action="store_true",
+                   help="let PyTorch's float32 baseline use TF32 on the GPU (default: off)")
+    p.add_argument("--json", default="fastconv-bench.json", metavar="PATH",
+                   help="write the report here (default fastconv-bench.json; '' for none)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="save a chart of the speed-ups")
+    p.add_argument("--compare", default=None, metavar="JSON",
+                   help="an earlier report (or pytest-benchmark JSON) to compare with")
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="slower by more than this fraction counts as a regression (0.10)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit with status 3 if --compare finds a regression")
+    p.set_defaults(func=bench)
+    p = sub.add_parser("profile", help="training steps of a small CNN, fastconv and torch.nn, "
+                                       "under torch.profiler: Chrome traces and a summary")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--steps", type=int, default=3, help="profiled training steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", default="fastconv-profile", help="folder for the Chrome traces")
+    p.add_argument("--top", type=int, default=12, help="rows of the summary per model")
+    p.set_defaults(func=profile)
     p = sub.add_parser("info", help="versions, engines and why an engine is unusable")
     p.set_defaults(func=info)
     args = parser.parse_args(argv)

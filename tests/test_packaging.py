@@ -10,12 +10,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p.name for p in (REPO / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
+SUITE = ("from fastconv import benchmark as b; print(b.suite_path()); "
+         "print(*[s.name for s in b.select_shapes()])")
 FIND = "import fastconv.cuda as c; print(c.kernel_dir()); print(*[p.name for p in c.kernel_sources()])"
 
 
 def _run(code, cwd, pythonpath):
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     env.pop("FASTCONV_KERNEL_DIR", None)
+    env.pop("FASTCONV_BENCH_SUITE", None)
     result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -40,6 +43,7 @@ def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for source in SOURCES:
         assert f"fastconv/kernels/{source}" in names
+    assert "fastconv/_bench/shapes.py" in names  # the suite `fastconv bench` runs
     assert any(n.endswith("entry_points.txt") for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fastconv = fastconv.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
@@ -52,9 +56,13 @@ def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     kernel_dir, names = _run(FIND, cwd=tmp_path, pythonpath=site)[:2]
     assert Path(kernel_dir) == site / "fastconv" / "kernels"
     assert names.split() == SOURCES
+    suite = _run(SUITE, cwd=tmp_path, pythonpath=site)
+    assert Path(suite[0]) == site / "fastconv" / "_bench" / "shapes.py"
+    assert "resnet-3x3-64" in suite[1].split()
 
 
 def test_source_checkout_finds_its_kernels(tmp_path):
     kernel_dir, names = _run(FIND, cwd=tmp_path, pythonpath=REPO)[:2]
     assert Path(kernel_dir) == REPO / "kernels"
     assert names.split() == SOURCES
+    assert Path(_run(SUITE, cwd=tmp_path, pythonpath=REPO)[0]) == REPO / "bench" / "shapes.py"

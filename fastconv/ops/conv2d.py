@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._args import Conv2dParams, check_conv2d, conv2d_params
+from .._profiling import op_range
 from ._engine import engine_for
 
 
@@ -14,7 +15,9 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, params: Conv2dParams):
-        return engine_for(input, "conv2d").conv2d.conv2d_forward(input, weight, bias, params)
+        engine = engine_for(input, "conv2d").conv2d
+        with op_range("fastconv.conv2d.forward", input):
+            return engine.conv2d_forward(input, weight, bias, params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -33,12 +36,16 @@ class Conv2dFunction(torch.autograd.Function):
         engine = engine_for(grad_out, "conv2d").conv2d
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = engine.conv2d_backward_input(grad_out, weight, ctx.input_shape, ctx.params)
+            with op_range("fastconv.conv2d.backward_input", grad_out):
+                grad_input = engine.conv2d_backward_input(grad_out, weight, ctx.input_shape,
+                                                          ctx.params)
         if ctx.needs_input_grad[1]:
-            grad_weight = engine.conv2d_backward_weight(grad_out, input, ctx.weight_shape,
-                                                        ctx.params)
+            with op_range("fastconv.conv2d.backward_weight", grad_out):
+                grad_weight = engine.conv2d_backward_weight(grad_out, input, ctx.weight_shape,
+                                                            ctx.params)
         if ctx.needs_input_grad[2]:
-            grad_bias = engine.conv2d_backward_bias(grad_out)
+            with op_range("fastconv.conv2d.backward_bias", grad_out):
+                grad_bias = engine.conv2d_backward_bias(grad_out)
         return grad_input, grad_weight, grad_bias, None
 
 

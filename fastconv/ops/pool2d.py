@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._args import ArgumentError, Pool2dParams, check_pool2d, pool2d_params
+from .._profiling import op_range
 from ._engine import engine_for
 
 
@@ -14,7 +15,9 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, params: Pool2dParams):
-        return engine_for(input, "max_pool2d").pool2d.max_pool2d_forward(input, params)
+        engine = engine_for(input, "max_pool2d").pool2d
+        with op_range("fastconv.max_pool2d.forward", input):
+            return engine.max_pool2d_forward(input, params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -30,7 +33,9 @@ class MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_indices):
         (indices,) = ctx.saved_tensors
         engine = engine_for(grad_out, "max_pool2d").pool2d
-        return engine.max_pool2d_backward(grad_out, indices, ctx.input_shape, ctx.params), None
+        with op_range("fastconv.max_pool2d.backward", grad_out):
+            grad = engine.max_pool2d_backward(grad_out, indices, ctx.input_shape, ctx.params)
+        return grad, None
 
 
 class AvgPool2dFunction(torch.autograd.Function):
@@ -38,8 +43,9 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, params: Pool2dParams, count_include_pad: bool, divisor_override):
-        return engine_for(input, "avg_pool2d").pool2d.avg_pool2d_forward(
-            input, params, count_include_pad, divisor_override)
+        engine = engine_for(input, "avg_pool2d").pool2d
+        with op_range("fastconv.avg_pool2d.forward", input):
+            return engine.avg_pool2d_forward(input, params, count_include_pad, divisor_override)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -52,7 +58,8 @@ class AvgPool2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         engine = engine_for(grad_out, "avg_pool2d").pool2d
-        grad = engine.avg_pool2d_backward(grad_out, ctx.input_shape, ctx.params, *ctx.options)
+        with op_range("fastconv.avg_pool2d.backward", grad_out):
+            grad = engine.avg_pool2d_backward(grad_out, ctx.input_shape, ctx.params, *ctx.options)
         return grad, None, None, None
 
 
@@ -85,8 +92,9 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     if not return_indices and not (input.requires_grad and torch.is_grad_enabled()):
         # Inference: no autograd node, and no indices to write.
         engine = engine_for(input, "max_pool2d").pool2d
-        return _batched(lambda x: engine.max_pool2d_forward(x, params, with_indices=False)[0],
-                        input)
+        with op_range("fastconv.max_pool2d.forward", input):
+            return _batched(lambda x: engine.max_pool2d_forward(x, params, with_indices=False)[0],
+                            input)
     output, indices = _batched(MaxPool2dFunction.apply, input, params)
     return (output, indices) if return_indices else output
 
