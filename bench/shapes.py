@@ -125,8 +125,10 @@ DEMO_IMAGE_SIZE = 256
 
 def select(shapes, names: str | None = None):
     """Shapes whose name contains any of the comma-separated ``names``; with no names, every
-    shape but the ``smoke`` ones."""
+    shape but the ``smoke`` ones, which are selected only by a name containing "smoke"."""
     wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
     if not wanted:
         return [s for s in shapes if "smoke" not in s.tags]
-    return [s for s in shapes if any(w in s.name for w in wanted)]
+    # A smoke shape only when asked for as one ("smoke", "smoke-conv"), not via "pool".
+    return [s for s in shapes if any(w in s.name and ("smoke" not in s.tags or "smoke" in w)
+                                     for w in wanted)]

@@ -187,6 +187,25 @@ def test_max_pool2d_saves_only_indices():
     assert saved.dtype == torch.int64 and saved.shape == y.shape  # the argmax, not the input
 
 
+@pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=3, stride=1, padding=1, dilation=2),
+                                  dict(kernel_size=(2, 3), stride=(1, 2), ceil_mode=True)])
+def test_large_max_pool2d_is_bitwise_torch(opts):
+    """Many planes, overlapping windows, ties everywhere (so one input element collects several
+    gradients and their order matters), outputs big enough for the huge-page allocation path."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (8, 20, 96, 97), generator=gen).float()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ya, ia), (yb, ib) = (fastconv.max_pool2d(a, return_indices=True, **opts),
+                          F.max_pool2d(b, return_indices=True, **opts))
+    assert torch.equal(ya, yb) and torch.equal(ia, ib)
+    grad = torch.randn(ya.shape, generator=gen)
+    ya.backward(grad), yb.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+    assert torch.equal(fastconv.max_pool2d(x, **opts), yb)  # the inference path
+    assert torch.equal(fastconv.avg_pool2d(x, 3, 2, 1), F.avg_pool2d(x, 3, 2, 1))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bitwise_deterministic_across_runs_and_threads(threads):
     torch.set_num_threads(threads)

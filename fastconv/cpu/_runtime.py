@@ -95,3 +95,50 @@ def parallel_region(items: int):
             threading_layer()
             if torch.get_num_threads() != torch_threads:
                 torch.set_num_threads(torch_threads)
+
+
+# ---------------------------------------------------------------------------- output memory
+# A fresh multi-megabyte tensor is a fresh mmap: its first write takes one page fault per 4 KiB
+# page, which on this class of machine costs more than the kernel that writes it (a 100 MB
+# pooling gradient: ~30 ms of faults, ~8 ms of kernel). With transparent huge pages in
+# "madvise" mode (the common default) an madvise(MADV_HUGEPAGE) on the untouched buffer makes
+# that 2 MiB pages, 512x fewer faults. The memory stays torch's own allocation; the advice is
+# a hint the kernel may ignore. FASTCONV_HUGE_PAGES=0 turns it off.
+_HUGE = 2 << 20
+_ADVISE_FROM = 4 << 20
+_madvise = None
+
+
+def _load_madvise():
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if os.environ.get("FASTCONV_HUGE_PAGES", "1") != "0" and hasattr(os, "uname") \
+                and os.uname().sysname == "Linux":
+            import ctypes
+            import mmap
+
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _madvise = (fn, mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):
+                pass
+    return _madvise
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` for an output the engine is about to write in full; large buffers are
+    advised to use huge pages first (see above)."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= _ADVISE_FROM:
+        advise = _load_madvise()
+        if advise:
+            start = t.data_ptr()
+            lo, hi = (start + _HUGE - 1) & ~(_HUGE - 1), (start + nbytes) & ~(_HUGE - 1)
+            if hi > lo:
+                advise[0](lo, hi - lo, advise[1])  # a refused hint changes nothing
+    return t

@@ -24,6 +24,7 @@ import torch
 from numba import njit, prange
 
 from .._args import Conv2dParams
+from . import _runtime
 from ._runtime import engine_threads, parallel_region
 from ._window import col_range, front
 
@@ -215,7 +216,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     c_out, cin_g, kh, kw = weight.shape
     g = params.groups
     ho, wo = params.output_hw((h, w), (kh, kw))
-    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype)
+    y = _runtime.empty((n, c_out, ho, wo), x.dtype)
     if y.numel() == 0:
         return y
     xn = _np(x)
@@ -234,7 +235,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     c_out, cin_g, kh, kw = weight.shape
     g = params.groups
     _, _, ho, wo = grad_out.shape
-    gx = torch.empty((n, c_in, h, w), dtype=grad_out.dtype)
+    gx = _runtime.empty((n, c_in, h, w), grad_out.dtype)
     if gx.numel() == 0:
         return gx
     with parallel_region(n * g):
@@ -252,7 +253,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     c_out, cin_g, kh, kw = weight_shape
     g = params.groups
     _, _, ho, wo = grad_out.shape
-    gw = torch.empty(tuple(weight_shape), dtype=x.dtype)
+    gw = _runtime.empty(tuple(weight_shape), x.dtype)
     if n == 0:
         return gw.zero_()
     gw3 = gw.numpy().reshape(g, c_out // g, -1)
@@ -272,7 +273,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
 def conv2d_backward_bias(grad_out: torch.Tensor) -> torch.Tensor:
     """grad_out (N, C_out, Ho, Wo) -> grad_bias (C_out,)."""
     n, c_out, ho, wo = grad_out.shape
-    gb = torch.empty(c_out, dtype=grad_out.dtype)
+    gb = _runtime.empty(c_out, grad_out.dtype)
     with parallel_region(c_out):
         _backward_bias(_np(grad_out).reshape(n, c_out, ho * wo), gb.numpy())
     return gb
