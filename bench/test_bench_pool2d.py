@@ -5,7 +5,6 @@ beside the machine's ceilings measured in the same run (copy bandwidth is poolin
 """
 
 import pytest
-import torch
 from test_bench_conv2d import ROUNDS, time_case
 
 from fastconv import benchmark as suite
@@ -19,23 +18,12 @@ def test_pool2d(benchmark, shape, passname, impl, device, dtype):
     time_case(benchmark, shape, impl, passname, device, dtype)
 
 
-def _sync(fn, device):
-    if device == "cpu":
-        return fn
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    return synced
-
-
 def test_copy_bandwidth(benchmark, device):
     """The roofline for pooling: a large copy_ (bytes = read + written)."""
     fn, nbytes = suite.copy_op(device)
     benchmark.group = "ceiling: copy bandwidth"
     benchmark.extra_info.update(op="copy", impl="torch.copy_", device=device, bytes=nbytes)
-    benchmark.pedantic(_sync(fn, device), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(suite.synced(fn, device), rounds=ROUNDS, warmup_rounds=1)
 
 
 def test_gemm_peak(benchmark, device, dtype):
@@ -43,4 +31,4 @@ def test_gemm_peak(benchmark, device, dtype):
     fn, flops = suite.gemm_op(device, dtype)
     benchmark.group = "ceiling: GEMM"
     benchmark.extra_info.update(op="gemm", impl="torch.mm", device=device, flops=flops)
-    benchmark.pedantic(_sync(fn, device), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(suite.synced(fn, device), rounds=ROUNDS, warmup_rounds=1)

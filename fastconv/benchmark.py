@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -115,14 +116,19 @@ class Case:
 
     def synced(self) -> Callable[[], None]:
         """``run`` that waits for the GPU: for timers that read a host clock."""
-        if self.device == "cpu":
-            return self.run
+        return synced(self.run, self.device)
 
-        def run_and_wait():
-            self.run()
-            torch.cuda.synchronize()
 
-        return run_and_wait
+def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn``, followed on a GPU by a wait for the device, so a host clock times its work."""
+    if device == "cpu":
+        return fn
+
+    def run_and_wait():
+        fn()
+        torch.cuda.synchronize()
+
+    return run_and_wait
 
 
 def _operands(shape, device, dtype, requires_grad, seed):
@@ -298,12 +304,11 @@ def configure_device(device: str, tf32: bool = False) -> None:
 
 def run_case(shape, impl, passname, device, dtype, rounds, warmup) -> dict:
     """Gate (fastconv only), then time one case; a record for the report."""
-    record = None
+    case = make_case(shape, impl, passname, device, dtype)
+    record = case.info()
     try:
         if impl == "fastconv":
             check_case(shape, passname, device, dtype)
-        case = make_case(shape, impl, passname, device, dtype)
-        record = case.info()
         times = time_call(case.run, device, rounds, warmup)
     except WrongResult as exc:
         status, error, times = "wrong", str(exc), []
@@ -311,19 +316,10 @@ def run_case(shape, impl, passname, device, dtype, rounds, warmup) -> dict:
         status, error, times = "unsupported", str(exc).split("\n")[0], []
     else:
         status, error = "ok", None
-    if record is None:
-        record = Case(shape, impl, passname, device, dtype, shape.batch[device.split(":")[0]],
-                      lambda: None).info()
     record.update(status=status, error=error, times_s=times,
-                  median_s=_median(times) if times else None,
+                  median_s=statistics.median(times) if times else None,
                   min_s=min(times) if times else None)
     return record
-
-
-def _median(values):
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 def run_suite(shapes, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -372,7 +368,7 @@ def from_pytest_benchmark(data: dict) -> dict:
             continue
         if "pass" not in info:
             continue
-        info.update(status="ok", error=None, times_s=bench["stats"].get("data", []),
+        info.update(status="ok", error=None, times_s=stats.get("data", []),
                     median_s=stats["median"], min_s=stats["min"])
         results.append(info)
     machine = data.get("machine_info", {})

@@ -17,6 +17,7 @@ Three hazards, each handled here once for every CPU kernel:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -106,27 +107,24 @@ def parallel_region(items: int):
 # a hint the kernel may ignore. FASTCONV_HUGE_PAGES=0 turns it off.
 _HUGE = 2 << 20
 _ADVISE_FROM = 4 << 20
-_madvise = None
 
 
+@functools.cache
 def _load_madvise():
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if os.environ.get("FASTCONV_HUGE_PAGES", "1") != "0" and hasattr(os, "uname") \
-                and os.uname().sysname == "Linux":
-            import ctypes
-            import mmap
+    """(libc madvise, MADV_HUGEPAGE), or None where unavailable or turned off."""
+    if os.environ.get("FASTCONV_HUGE_PAGES", "1") == "0" or not hasattr(os, "uname") \
+            or os.uname().sysname != "Linux":
+        return None
+    import ctypes
+    import mmap
 
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fn = libc.madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _madvise = (fn, mmap.MADV_HUGEPAGE)
-            except (AttributeError, OSError):
-                pass
-    return _madvise
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn, mmap.MADV_HUGEPAGE
+    except (AttributeError, OSError):
+        return None
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
