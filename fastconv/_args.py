@@ -124,20 +124,27 @@ def conv2d_params(kernel_hw: Pair, stride=1, padding=0, dilation=1, groups=1,
     return Conv2dParams(stride, pads, dilation, int(groups))
 
 
-# dtypes each engine computes in; the CUDA engine adds half precision when it lands.
+# dtypes each engine computes in.
 ENGINE_DTYPES = {
     "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
-# Max pooling only compares, so integers work too (PyTorch accepts them; avg pooling it refuses).
+# Max pooling only compares, so integers work too on the CPU engine (PyTorch's CPU kernel
+# accepts them; avg pooling refuses them, and so does PyTorch's CUDA kernel).
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INTEGER_ENGINES = ("cpu",)
 
 
 def check_dtype(name: str, tensor: torch.Tensor, op: str, integers: bool = False) -> None:
     """Refuse bool and complex tensors, integers unless ``integers``, and float dtypes the
     engine lacks."""
-    if integers and tensor.dtype in INTEGER_DTYPES:
-        return
     allowed = ENGINE_DTYPES.get(tensor.device.type)
+    if integers and tensor.dtype in INTEGER_DTYPES:
+        if tensor.device.type in INTEGER_ENGINES or allowed is None:
+            return
+        names = ", ".join(str(d) for d in allowed)
+        raise DTypeError(f"{op}: the {tensor.device.type.upper()} engine supports {names} "
+                         f"(integer input only on the CPU); {name} has dtype {tensor.dtype}")
     if tensor.dtype.is_complex or not tensor.dtype.is_floating_point:
         kind = "a floating-point or integer" if integers else "a floating-point"
         raise DTypeError(f"{op}: {name} must be {kind} tensor, got dtype {tensor.dtype}")

@@ -110,6 +110,7 @@ def demo(args) -> int:
 
 def info(args) -> int:
     from fastconv.cpu import _runtime
+    import fastconv.cuda
     from fastconv.cuda import cupy_status, kernel_dir
 
     import numba
@@ -131,11 +132,25 @@ def info(args) -> int:
                   f"(follows torch.set_num_threads)")
     usable, why = cupy_status()
     table.add_row("CuPy", why)
-    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-           else "none visible to torch")
-    table.add_row("GPU", gpu)
-    table.add_row("CUDA engine", "not available in this version; CUDA tensors raise "
-                  "NotImplementedError")
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        table.add_row("GPU", f"{props.name}, compute capability {props.major}.{props.minor}, "
+                      f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB "
+                      f"(cuda:{index} of {torch.cuda.device_count()})")
+        table.add_row("CUDA (torch)", f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    else:
+        table.add_row("GPU", "none visible to torch")
+    if usable:
+        import cupy
+
+        nvrtc = ".".join(str(v) for v in cupy.cuda.nvrtc.getVersion())
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+        table.add_row("NVRTC / CUDA runtime (CuPy)",
+                      f"{nvrtc} / {runtime // 1000}.{runtime % 1000 // 10}")
+    ok, reason = fastconv.cuda.available()
+    table.add_row("CUDA engine", "usable: kernels compile on first use (NVRTC) and are cached "
+                  "by CuPy" if ok else f"not usable: {reason}")
     try:
         table.add_row("CUDA sources", str(kernel_dir()))
     except FileNotFoundError as exc:

@@ -13,13 +13,15 @@ settings.load_profile(os.environ.get("FASTCONV_HYPOTHESIS_PROFILE", "default"))
 
 
 def _cuda_engine_ready() -> bool:
-    # The CUDA engine (issue: CuPy kernels) is not part of this version yet.
-    return False
+    """A GPU that PyTorch sees, CuPy, and compute capability 8.0+ (fastconv.cuda.available)."""
+    import fastconv.cuda
+
+    return fastconv.cuda.available()[0]
 
 
 cuda_only = pytest.mark.skipif(
     not (torch.cuda.is_available() and _cuda_engine_ready()),
-    reason="needs a CUDA GPU and fastconv's CUDA engine")
+    reason="needs a CUDA GPU (compute capability 8.0+) and CuPy")
 
 # One test body for every device: `@pytest.mark.parametrize("device", DEVICES)`.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])]

@@ -177,3 +177,12 @@ def test_pytest_benchmark_json_feeds_the_report(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert text.returncode == 0 and "geometric mean (all)" in text.stdout, text.stderr
+
+
+def test_gpu_check_script_runs_its_cli():
+    """bench/gpu_check.py needs a GPU to do its work; here, that it parses and documents it."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for word in ("--out", "--quick"):
+        assert word in result.stdout

@@ -28,8 +28,12 @@ def test_info_reports_engines(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     for text in ["torch", "numba", "threading layer", "BLAS", "CPU engine", "CuPy", "GPU",
-                 "CUDA sources"]:
+                 "CUDA engine", "CUDA sources"]:
         assert text in out, text
+    import fastconv.cuda
+
+    ok, reason = fastconv.cuda.available()
+    assert ("usable: kernels compile" in out) if ok else ("not usable" in out)
 
 
 def test_console_script_entry_point():

@@ -1,10 +1,13 @@
-"""The CuPy CUDA engine: locating the CUDA C++ sources in ``kernels/`` and probing for CuPy.
+"""The CuPy CUDA engine: CUDA C++ kernels in ``kernels/``, compiled at run time by NVRTC.
 
-Nothing here imports CuPy at package import time, so fastconv works on machines without it.
+``fastconv.cuda.conv2d`` and ``fastconv.cuda.pool2d`` have the same entry points as the CPU
+engine's modules; ``fastconv.ops`` picks the engine by the tensors' device. Nothing here
+imports CuPy at package import time, so fastconv works on machines without it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -44,3 +47,35 @@ def cupy_status() -> tuple[bool, str]:
     if count == 0:
         return False, f"CuPy {cupy.__version__} found no GPU"
     return True, f"CuPy {cupy.__version__}, {count} GPU(s)"
+
+
+@functools.cache
+def device_status(device_index: int) -> tuple[bool, str]:
+    """(usable, reason) for running fastconv's kernels on CUDA device ``device_index``."""
+    ok, reason = cupy_status()
+    if not ok:
+        return False, (f"{reason}; install CuPy for your CUDA version, e.g. "
+                       f"pip install 'fastconv[cuda12]'")
+    import torch
+
+    from ._launch import MIN_CAPABILITY
+
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device_index)
+        return False, (f"{name} has compute capability {capability[0]}.{capability[1]}; "
+                       f"fastconv's CUDA kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                       f"or newer (tensor-core mma.sync and bfloat16)")
+    return True, reason
+
+
+def available() -> tuple[bool, str]:
+    """(usable, reason): whether the CUDA engine can run on the current GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "PyTorch sees no CUDA GPU"
+    return device_status(torch.cuda.current_device())
+
+
+from . import conv2d, pool2d  # noqa: E402  (engine modules; neither imports CuPy)

@@ -8,14 +8,23 @@ from .._args import DeviceError
 
 
 def engine_for(tensor: torch.Tensor, op: str):
-    """The engine module (``fastconv.cpu``) for ``tensor``'s device, or a clear error."""
+    """The engine package (``fastconv.cpu`` or ``fastconv.cuda``) for ``tensor``'s device, or a
+    clear error."""
     kind = tensor.device.type
     if kind == "cpu":
         from .. import cpu
 
         return cpu
     if kind == "cuda":
-        raise NotImplementedError(
-            f"{op}: fastconv's CUDA engine is not available in this version; the input is on "
-            f"{tensor.device}. Move the tensors and module to the CPU (.cpu()) to use fastconv.")
-    raise DeviceError(f"{op}: fastconv computes on 'cpu' tensors; got a tensor on {tensor.device}")
+        from .. import cuda
+
+        index = tensor.device.index if tensor.device.index is not None \
+            else torch.cuda.current_device()
+        ok, reason = cuda.device_status(index)
+        if not ok:
+            raise NotImplementedError(
+                f"{op}: fastconv's CUDA engine cannot run on {tensor.device}: {reason}. "
+                f"Move the tensors and module to the CPU (.cpu()) to use fastconv there.")
+        return cuda
+    raise DeviceError(f"{op}: fastconv computes on 'cpu' and 'cuda' tensors; got a tensor on "
+                      f"{tensor.device}")

@@ -1,0 +1,96 @@
+"""max_pool2d and avg_pool2d on the GPU: launchers for ``kernels/pool2d.cu``.
+
+Same entry points and arguments as ``fastconv.cpu.pool2d``. Forward runs one thread per output
+element, backward one thread per input element gathering from the windows that cover it (in
+output order, as PyTorch's CUDA kernels sum), so backward has no atomics and is bitwise
+reproducible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._args import Pool2dParams
+from . import _launch as L
+
+GEOMETRY = np.dtype([(name, np.int32) for name in (
+    "planes", "h", "w", "ho", "wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+    "count_include_pad", "divisor")])
+assert GEOMETRY.itemsize == 60  # sizeof(PoolGeometry) in fastconv_common.cuh
+
+
+@L.register("pool2d")
+def _instantiations(dtype):
+    t = L.CTYPES[dtype]
+    for index in L.INDEX_TYPES:
+        yield L.expr("max_pool2d_forward", t, index, False)
+        yield L.expr("max_pool2d_forward", t, index, True)
+        yield L.expr("max_pool2d_backward", t, index)
+        yield L.expr("avg_pool2d_forward", t, index)
+        yield L.expr("avg_pool2d_backward", t, index)
+
+
+def _geometry(input_shape, out_hw, params: Pool2dParams, count_include_pad=True,
+              divisor=None) -> np.ndarray:
+    n, c, h, w = input_shape
+    g = np.zeros(1, dtype=GEOMETRY)
+    g[0] = (n * c, h, w, *out_hw, *params.kernel, *params.stride, *params.padding,
+            *params.dilation, int(count_include_pad), divisor or 0)
+    return g
+
+
+def _run(name: str, like: torch.Tensor, count: int, index: str, args, template=()) -> None:
+    """Launch a grid-stride pooling kernel over ``count`` elements."""
+    L.launch("pool2d", like, L.expr(name, L.CTYPES[like.dtype], index, *template),
+             (L.blocks_for(count, L.backend().device_index(like)),), (L.THREADS,), args)
+
+
+def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
+    """x (N, C, H, W) -> (y, indices) of shape (N, C, Ho, Wo); indices int64 into H*W, or None
+    when ``with_indices`` is False."""
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    ho, wo = params.output_hw((h, w))
+    y = L.empty((n, c, ho, wo), x)
+    idx = L.empty((n, c, ho, wo), x, torch.int64) if with_indices else None
+    index = L.index_type(x, y)
+    _run("max_pool2d_forward", x, y.numel(), index,
+         (x, y, idx, _geometry(x.shape, (ho, wo), params)), (with_indices,))
+    return y, idx
+
+
+def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
+                        params: Pool2dParams) -> torch.Tensor:
+    """grad_out and indices (N, C, Ho, Wo) -> grad of input, ``input_shape``."""
+    grad_out, indices = grad_out.contiguous(), indices.contiguous()
+    gx = L.empty(input_shape, grad_out)
+    index = L.index_type(gx, grad_out)
+    _run("max_pool2d_backward", grad_out, gx.numel(), index,
+         (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)))
+    return gx
+
+
+def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,
+                       divisor_override: int | None) -> torch.Tensor:
+    """x (N, C, H, W) -> (N, C, Ho, Wo)."""
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    ho, wo = params.output_hw((h, w))
+    y = L.empty((n, c, ho, wo), x)
+    index = L.index_type(x, y)
+    geom = _geometry(x.shape, (ho, wo), params, count_include_pad, divisor_override)
+    _run("avg_pool2d_forward", x, y.numel(), index, (x, y, geom))
+    return y
+
+
+def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParams,
+                        count_include_pad: bool, divisor_override: int | None) -> torch.Tensor:
+    """grad_out (N, C, Ho, Wo) -> grad of input, ``input_shape``."""
+    grad_out = grad_out.contiguous()
+    gx = L.empty(input_shape, grad_out)
+    index = L.index_type(gx, grad_out)
+    geom = _geometry(input_shape, grad_out.shape[2:], params, count_include_pad,
+                     divisor_override)
+    _run("avg_pool2d_backward", grad_out, gx.numel(), index, (grad_out, gx, geom))
+    return gx

@@ -1,0 +1,233 @@
+"""The CUDA engine's kernels and launchers, run on the CPU by the test emulator.
+
+No GPU needed: the real kernel sources are compiled with g++ against tests/cuda_emulator and
+launched by fastconv's own CUDA launchers (``fastconv.cuda``), with the same grids, blocks,
+shared memory and barriers as on a GPU. This checks the kernels' arithmetic, indexing,
+tiling, split-K reduction, tensor-core fragment bookkeeping and bounds on every dtype; it
+cannot check speed or the hardware's view of the PTX (tests/test_cuda.py does, on a GPU).
+"""
+
+import contextlib
+import re
+import shutil
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cuda_emulator import EmulatorBackend, KernelFault
+from helpers import assert_matches_torch
+from hypothesis import given, settings
+from test_conv2d import conv_cases
+from test_pool2d import pool_cases
+
+import fastconv
+from fastconv import _args
+from fastconv.cuda import _launch as L
+from fastconv.cuda import conv2d as cuda_conv2d
+from fastconv.cuda import kernel_dir
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulator")
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    return EmulatorBackend(tmp_path_factory.mktemp("cuda_emulator"))
+
+
+@contextlib.contextmanager
+def cuda_engine_on_cpu(backend):
+    """fastconv's public API on CPU tensors, computed by the CUDA engine on ``backend``."""
+    def engine(tensor, op):
+        return fastconv.cuda
+    dtypes = dict(_args.ENGINE_DTYPES, cpu=_args.ENGINE_DTYPES["cuda"])
+    with mock.patch("fastconv.ops.conv2d.engine_for", engine), \
+            mock.patch("fastconv.ops.pool2d.engine_for", engine), \
+            mock.patch.dict(_args.ENGINE_DTYPES, dtypes), L.use_backend(backend):
+        yield backend
+
+
+def _on(dtype, *tensors):
+    return [None if t is None else t.to(dtype).requires_grad_() for t in tensors]
+
+
+# ---- conv2d ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=25)
+@given(case=conv_cases())
+def test_conv2d_matches_torch(emulator, dtype, case):
+    x, weight, bias, opts = case
+    with cuda_engine_on_cpu(emulator):
+        assert_matches_torch(fastconv.conv2d, F.conv2d, _on(dtype, x, weight, bias), opts, k=2)
+
+
+CONV_SHAPES = [  # (input, weight, options): one per kernel path
+    ((2, 4, 7, 9), (6, 4, 3, 3), dict(padding=1)),                          # implicit GEMM
+    ((2, 6, 11, 10), (4, 3, 3, 2), dict(stride=(2, 3), padding=(1, 2), dilation=(2, 1),
+                                        groups=2)),                         # every option
+    ((3, 5, 6, 7), (70, 5, 1, 1), {}),                                      # pointwise GEMM
+    ((2, 4, 9, 8), (8, 1, 3, 3), dict(stride=2, padding=1, groups=4)),      # depthwise x2
+    ((2, 1, 12, 12), (6, 1, 5, 5), {}),                                     # C_in == 1
+    ((1, 130, 5, 5), (140, 130, 3, 3), dict(padding=1)),                    # several M tiles
+]
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", CONV_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_conv2d_every_path_and_dtype(emulator, dtype, shapes):
+    """Half precision runs the tensor-core loop (mma.sync emulated lane by lane)."""
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen), \
+        torch.randn(ws[0], generator=gen)
+    start = len(emulator.launches)
+    with cuda_engine_on_cpu(emulator):
+        assert_matches_torch(fastconv.conv2d, F.conv2d, _on(dtype, x, w, b), opts, k=2)
+    launched = " ".join(emulator.launches[start:])
+    assert L.CTYPES[dtype] in launched
+    path = "depthwise" if ws[1] == 1 else "implicit_gemm"
+    assert f"conv2d_forward_{path}" in launched
+    if ws[2:] == (1, 1):
+        assert "implicit_gemm<float, int, true" in launched or dtype != torch.float32
+
+
+def _conv_grads(x, w, b, opts):
+    x, w, b = _on(x.dtype, x, w, b)
+    y = fastconv.conv2d(x, w, b, **opts)
+    return [y.detach(), *torch.autograd.grad(y, (x, w, b), torch.ones_like(y))]
+
+
+def test_split_k_weight_gradient_and_64bit_indexing(tmp_path_factory, monkeypatch):
+    """Many SMs force the split-K weight gradient (and its ordered reduce); a zero int32
+    limit forces the 64-bit-index instantiations."""
+    wide = EmulatorBackend(tmp_path_factory.mktemp("emulator_wide"), sms=64)
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(4, 3, 20, 20, generator=gen), torch.randn(5, 3, 3, 3, generator=gen), \
+        torch.randn(5, generator=gen)
+    opts = dict(padding=1, stride=1)
+    monkeypatch.setattr(L, "INT32_LIMIT", 0)
+    with cuda_engine_on_cpu(wide):
+        assert_matches_torch(fastconv.conv2d, F.conv2d, _on(torch.float32, x, w, b), opts, k=2)
+        first = _conv_grads(x, w, b, opts)
+        again = _conv_grads(x, w, b, opts)
+    names = " ".join(wide.launches)
+    assert "conv2d_backward_weight_reduce<float, long long>" in names
+    assert "int>" not in names and "int," not in names
+    for a, c in zip(first, again):
+        assert torch.equal(a, c)
+
+
+def test_large_tile(tmp_path_factory):
+    """One SM makes a 130-channel layer take the 128x128 CUDA-core tile."""
+    small = EmulatorBackend(tmp_path_factory.mktemp("emulator_one_sm"), sms=1)
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 9, 17, 16, generator=gen), torch.randn(130, 9, 3, 3, generator=gen)
+    with cuda_engine_on_cpu(small):
+        assert_matches_torch(fastconv.conv2d, F.conv2d, _on(torch.float32, x, w), {}, k=2)
+    assert any(", 128, 128, 8, 8, 8>" in n for n in small.launches)
+
+
+def test_conv2d_module_trains_on_the_cuda_engine(emulator):
+    torch.manual_seed(0)
+    ours = fastconv.Conv2D(3, 4, 3, padding=1)
+    theirs = torch.nn.Conv2d(3, 4, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with cuda_engine_on_cpu(emulator):
+        for model in (ours, theirs):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- pooling -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=25)
+@given(case=pool_cases())
+def test_max_pool2d_matches_torch(emulator, dtype, case):
+    x, opts = case
+    x = x.to(dtype)
+    with cuda_engine_on_cpu(emulator):
+        ours, ours_idx = fastconv.max_pool2d(x, return_indices=True, **opts)
+        assert_matches_torch(fastconv.max_pool2d, F.max_pool2d, _on(dtype, x), opts, k=2)
+    theirs, theirs_idx = F.max_pool2d(x, return_indices=True, **opts)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours_idx, theirs_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=25)
+@given(case=pool_cases(avg=True))
+def test_avg_pool2d_matches_torch(emulator, dtype, case):
+    x, opts = case
+    with cuda_engine_on_cpu(emulator):
+        assert_matches_torch(fastconv.avg_pool2d, F.avg_pool2d, _on(dtype, x), opts, k=2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1),
+                                       ceil_mode=True)])
+def test_pooling_half_precision(emulator, dtype, opts):
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(3))
+    x[0, 0, 1, 1] = float("nan")
+    xh = x.to(dtype)
+    with cuda_engine_on_cpu(emulator):
+        y, idx = fastconv.max_pool2d(xh, return_indices=True, **opts)
+        assert_matches_torch(fastconv.avg_pool2d, F.avg_pool2d, _on(dtype, x), opts, k=2)
+    ty, tidx = F.max_pool2d(xh, return_indices=True, **opts)
+    assert torch.equal(idx, tidx)
+    assert torch.equal(y.nan_to_num(), ty.nan_to_num()) and torch.equal(y.isnan(), ty.isnan())
+
+
+# ---- the harness and the instantiation list ------------------------------------------------
+def test_every_kernel_is_instantiated_for_every_dtype():
+    """The nvcc test and NVRTC compile only the listed instantiations, so every __global__
+    template must appear in the list of its op for every dtype."""
+    for op, source in L.SOURCES.items():
+        kernels = set(re.findall(r"__global__\s+void\s+(\w+)", (kernel_dir() / source).read_text()))
+        assert kernels
+        for dtype in L.DTYPES:
+            listed = {name.split("<")[0] for name in L.instantiations(op, dtype)}
+            assert kernels == listed, f"{op} {dtype}: {kernels ^ listed}"
+            assert all(L.CTYPES[dtype] in name for name in L.instantiations(op, dtype))
+
+
+def test_emulator_catches_out_of_bounds_writes(emulator):
+    """A launch told the output is bigger than it is must be caught by the guards."""
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(3, 2, 3, 3)
+    params = _args.conv2d_params((3, 3))
+    with L.use_backend(emulator):
+        y = L.empty((1, 3, 4, 4), x)
+        geom = cuda_conv2d._geometry((2, 2, 6, 6), w.shape, params, (4, 4))  # n=2: too big
+        name = L.expr("conv2d_forward_depthwise", "float", "int")
+        with pytest.raises(KernelFault, match="wrote outside"):
+            L.launch("conv2d", x, name, (4,), (L.THREADS,), (x, w, None, y, geom))
+
+
+def test_unwritten_outputs_are_visible():
+    """Emulated allocations start as NaN, so an output element a kernel skips cannot pass
+    for a computed zero."""
+    backend = EmulatorBackend.__new__(EmulatorBackend)
+    backend._guarded = []
+    out = backend.empty((3, 4), torch.float32, torch.device("cpu"))
+    assert out.isnan().all()
+
+
+def test_geometry_layout_matches_the_kernels():
+    header = (kernel_dir() / "fastconv_common.cuh").read_text()
+    for struct, dtype in (("ConvGeometry", cuda_conv2d.GEOMETRY),
+                          ("PoolGeometry", fastconv.cuda.pool2d.GEOMETRY)):
+        body = re.search(struct + r" \{(.*?)\};", header, re.S).group(1)
+        fields = [f for line in body.splitlines() for f in
+                  re.findall(r"(\w+)\s*[,;]", line.split("//")[0].replace("int ", "", 1))]
+        assert fields == list(dtype.names), struct
+        assert dtype.itemsize == 4 * len(fields)
+        assert all(dtype[f] == np.int32 for f in dtype.names)
