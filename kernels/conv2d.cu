@@ -27,10 +27,17 @@ namespace fastconv {
 // Per-K-index facts shared by a whole tile (one entry per k in the tile's K slice), computed
 // once per tile by BK threads instead of once per loaded element.
 struct KEntry {
-    long long off;  // element offset contributed by k (channel plane, image, ...)
-    int dy, dx;     // row/column shift contributed by k
-    int valid;      // k < K
+    long long a_off;  // offset of A(m, k) from A's row base
+    long long b_off;  // offset contributed by k to B(k, n) (channel plane, image, ...)
+    int dy, dx;       // row/column shift contributed by k
+    int valid;        // k inside this block's K range
 };
+
+// Every Problem reads A the same way: its row base (per m) plus the entry's a_off (per k).
+template <typename T, typename Row>
+__device__ __forceinline__ T load_a(const T* __restrict__ p, const Row& r, const KEntry& e) {
+    return (r.valid && e.valid) ? p[r.base + (decltype(r.base))e.a_off] : zero_value<T>();
+}
 
 // ---- forward -------------------------------------------------------------------------------
 template <typename T, typename Index, bool Pointwise>
@@ -52,57 +59,51 @@ struct ForwardProblem {
     struct Col { Index base; int y0, x0; bool valid; };
     struct Row { Index base; bool valid; };
 
+    // Column n is output pixel (img, oy, ox).
     __device__ Col col(Index n) const {
         Col c;
         c.valid = n < N();
-        if (!c.valid) n = 0;
-        const Index hw_out = (Index)g.ho * g.wo;
-        const Index img = n / hw_out;
-        const int p = (int)(n - img * hw_out);
-        const int oh = p / g.wo, ow = p - (p / g.wo) * g.wo;
-        c.base = (img * g.c_in + (Index)group * g.cin_g) * g.h * g.w;
-        if (Pointwise) c.base += p;
-        c.y0 = oh * g.sh - g.pt;
-        c.x0 = ow * g.sw - g.pl;
+        const PlanePos<Index> at = plane_pos(c.valid ? n : 0, g.ho, g.wo);
+        c.base = (at.plane * g.c_in + (Index)group * g.cin_g) * g.h * g.w;
+        if (Pointwise) c.base += at.y * g.wo + at.x;
+        c.y0 = at.y * g.sh - g.pt;
+        c.x0 = at.x * g.sw - g.pl;
         return c;
     }
+    // A(m = co, k) = w[group*cout_g + co][k], weight rows being contiguous in k.
     __device__ Row row(Index m) const {
         Row r;
         r.valid = m < M();
         r.base = ((Index)group * g.cout_g + (r.valid ? m : 0)) * K();
         return r;
     }
+    // k is weight tap (c, i, j).
     __device__ KEntry entry(Index k) const {
         KEntry e;
         e.valid = k < K();
-        if (!e.valid) k = 0;
-        const int taps = g.kh * g.kw;
-        const int c = (int)(k / taps), r = (int)(k - (Index)c * taps);
-        const int i = r / g.kw, j = r - (r / g.kw) * g.kw;
-        e.dy = i * g.dh;
-        e.dx = j * g.dw;
-        e.off = (long long)c * g.h * g.w + (Pointwise ? 0 : (long long)e.dy * g.w + e.dx);
+        const PlanePos<Index> tap = plane_pos(e.valid ? k : 0, g.kh, g.kw);
+        e.a_off = k;
+        e.dy = tap.y * g.dh;
+        e.dx = tap.x * g.dw;
+        e.b_off = (long long)tap.plane * g.h * g.w
+                  + (Pointwise ? 0 : (long long)e.dy * g.w + e.dx);
         return e;
     }
-    __device__ T a(const Row& r, Index k, const KEntry& e) const {
-        return (r.valid && e.valid) ? w[r.base + k] : zero_value<T>();
-    }
+    __device__ T a(const Row& r, const KEntry& e) const { return load_a(w, r, e); }
     __device__ T b(const Col& c, const KEntry& e) const {
         if (!c.valid || !e.valid) return zero_value<T>();
-        if (Pointwise) return x[c.base + (Index)e.off];
+        if (Pointwise) return x[c.base + (Index)e.b_off];
         const int iy = c.y0 + e.dy, ix = c.x0 + e.dx;
         if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return zero_value<T>();
-        return x[c.base + (Index)c.y0 * g.w + c.x0 + (Index)e.off];
+        return x[c.base + (Index)c.y0 * g.w + c.x0 + (Index)e.b_off];
     }
     template <typename A>
     __device__ void store(Index m, Index n, A v) const {
         if (m >= M() || n >= N()) return;
-        const Index hw_out = (Index)g.ho * g.wo;
-        const Index img = n / hw_out;
-        const Index p = n - img * hw_out;
+        const PlanePos<Index> at = plane_pos(n, g.ho, g.wo);
         const Index co = (Index)group * g.cout_g + m;
         if (bias != nullptr) v += to_acc(bias[co]);
-        y[(img * g.c_out + co) * hw_out + p] = Store<T>::from(v);
+        y[((at.plane * g.c_out + co) * g.ho + at.y) * g.wo + at.x] = Store<T>::from(v);
     }
 };
 
@@ -130,56 +131,48 @@ struct BackwardInputProblem {
     __device__ Col col(Index n) const {
         Col c;
         c.valid = n < N();
-        if (!c.valid) n = 0;
-        const Index hw = (Index)g.h * g.w;
-        const Index img = n / hw;
-        const int p = (int)(n - img * hw);
-        c.base = (img * g.c_out + (Index)group * g.cout_g) * g.ho * g.wo;
-        if (Pointwise) c.base += p;
-        c.y0 = p / g.w + g.pt;
-        c.x0 = p - (p / g.w) * g.w + g.pl;
+        const PlanePos<Index> at = plane_pos(c.valid ? n : 0, g.h, g.w);
+        c.base = (at.plane * g.c_out + (Index)group * g.cout_g) * g.ho * g.wo;
+        if (Pointwise) c.base += at.y * g.w + at.x;
+        c.y0 = at.y + g.pt;
+        c.x0 = at.x + g.pl;
         return c;
     }
+    // A(m = c, k = (co, i, j)) = w[group*cout_g + co][c][i][j]: the row base holds the group
+    // and c, the entry co and the tap.
     __device__ Row row(Index m) const {
         Row r;
         r.valid = m < M();
-        r.base = r.valid ? m : 0;
+        r.base = ((Index)group * g.cout_g * g.cin_g + (r.valid ? m : 0)) * g.kh * g.kw;
         return r;
     }
+    // k is (co, i, j): output channel of the group and weight tap.
     __device__ KEntry entry(Index k) const {
         KEntry e;
         e.valid = k < K();
-        if (!e.valid) k = 0;
-        const int taps = g.kh * g.kw;
-        const int co = (int)(k / taps), r = (int)(k - (Index)co * taps);
-        const int i = r / g.kw, j = r - (r / g.kw) * g.kw;
-        e.dy = i * g.dh;
-        e.dx = j * g.dw;
-        e.off = (long long)co * g.ho * g.wo;
+        const PlanePos<Index> tap = plane_pos(e.valid ? k : 0, g.kh, g.kw);
+        e.a_off = ((long long)tap.plane * g.cin_g * g.kh + tap.y) * g.kw + tap.x;
+        e.dy = tap.y * g.dh;
+        e.dx = tap.x * g.dw;
+        e.b_off = (long long)tap.plane * g.ho * g.wo;
         return e;
     }
-    // A(m = c, k = (co, i, j)) = w[group*cout_g + co, c, i, j]
-    __device__ T a(const Row& r, Index k, const KEntry& e) const {
-        if (!r.valid || !e.valid) return zero_value<T>();
-        const Index taps = (Index)g.kh * g.kw;
-        const Index co = k / taps;
-        return w[(((Index)group * g.cout_g + co) * g.cin_g + r.base) * taps + (k - co * taps)];
-    }
+    __device__ T a(const Row& r, const KEntry& e) const { return load_a(w, r, e); }
     __device__ T b(const Col& c, const KEntry& e) const {
         if (!c.valid || !e.valid) return zero_value<T>();
-        if (Pointwise) return gy[c.base + (Index)e.off];
+        if (Pointwise) return gy[c.base + (Index)e.b_off];
         const int ty = c.y0 - e.dy, tx = c.x0 - e.dx;
         if (ty < 0 || tx < 0) return zero_value<T>();
         const int oy = ty / g.sh, ox = tx / g.sw;
         if (oy * g.sh != ty || ox * g.sw != tx || oy >= g.ho || ox >= g.wo) return zero_value<T>();
-        return gy[c.base + (Index)e.off + (Index)oy * g.wo + ox];
+        return gy[c.base + (Index)e.b_off + (Index)oy * g.wo + ox];
     }
     template <typename A>
     __device__ void store(Index m, Index n, A v) const {
         if (m >= M() || n >= N()) return;
-        const Index hw = (Index)g.h * g.w;
-        const Index img = n / hw;
-        gx[(img * g.c_in + (Index)group * g.cin_g + m) * hw + (n - img * hw)] = Store<T>::from(v);
+        const PlanePos<Index> at = plane_pos(n, g.h, g.w);
+        gx[((at.plane * g.c_in + (Index)group * g.cin_g + m) * g.h + at.y) * g.w + at.x] =
+            Store<T>::from(v);
     }
 };
 
@@ -188,7 +181,7 @@ struct BackwardInputProblem {
 // into g.splits slices run by separate blocks. Each slice writes its fp32/fp64 partial to
 // `partial`; conv2d_backward_weight_reduce then sums the slices in order. One slice writes
 // the result directly.
-template <typename T, typename Index, bool Pointwise>
+template <typename T, typename Index>
 struct BackwardWeightProblem {
     const T* __restrict__ gy;
     const T* __restrict__ x;
@@ -213,15 +206,13 @@ struct BackwardWeightProblem {
     __device__ Col col(Index n) const {
         Col c;
         c.valid = n < N();
-        if (!c.valid) n = 0;
-        const int taps = g.kh * g.kw;
-        const int ch = (int)(n / taps), r = (int)(n - (Index)ch * taps);
-        const int i = r / g.kw, j = r - (r / g.kw) * g.kw;
-        c.base = ((Index)group * g.cin_g + ch) * g.h * g.w;
-        c.y0 = i * g.dh - g.pt;
-        c.x0 = j * g.dw - g.pl;
+        const PlanePos<Index> tap = plane_pos(c.valid ? n : 0, g.kh, g.kw);
+        c.base = ((Index)group * g.cin_g + tap.plane) * g.h * g.w;
+        c.y0 = tap.y * g.dh - g.pt;
+        c.x0 = tap.x * g.dw - g.pl;
         return c;
     }
+    // A(m = co, k = (img, oy, ox)) = gy[img][group*cout_g + co][oy][ox].
     __device__ Row row(Index m) const {
         Row r;
         r.valid = m < M();
@@ -232,29 +223,19 @@ struct BackwardWeightProblem {
     __device__ KEntry entry(Index k) const {
         KEntry e;
         e.valid = k < k_end();
-        if (!e.valid) k = 0;
-        const Index hw_out = (Index)g.ho * g.wo;
-        const Index img = k / hw_out;
-        const int p = (int)(k - img * hw_out);
-        const int oy = p / g.wo, ox = p - (p / g.wo) * g.wo;
-        e.dy = oy * g.sh;
-        e.dx = ox * g.sw;
-        // Offsets of the image in x (for B) and of the pixel in gy (for A, via valid/off
-        // packing: A needs img*c_out*hw_out + p, recomputed in a()).
-        e.off = (long long)img * g.c_in * g.h * g.w;
+        const PlanePos<Index> at = plane_pos(e.valid ? k : 0, g.ho, g.wo);
+        e.a_off = ((long long)at.plane * g.c_out * g.ho + at.y) * g.wo + at.x;
+        e.dy = at.y * g.sh;
+        e.dx = at.x * g.sw;
+        e.b_off = (long long)at.plane * g.c_in * g.h * g.w;
         return e;
     }
-    __device__ T a(const Row& r, Index k, const KEntry& e) const {
-        if (!r.valid || !e.valid) return zero_value<T>();
-        const Index hw_out = (Index)g.ho * g.wo;
-        const Index img = k / hw_out;
-        return gy[img * g.c_out * hw_out + r.base + (k - img * hw_out)];
-    }
+    __device__ T a(const Row& r, const KEntry& e) const { return load_a(gy, r, e); }
     __device__ T b(const Col& c, const KEntry& e) const {
         if (!c.valid || !e.valid) return zero_value<T>();
         const int iy = c.y0 + e.dy, ix = c.x0 + e.dx;
         if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return zero_value<T>();
-        return x[c.base + (Index)e.off + (Index)iy * g.w + ix];
+        return x[c.base + (Index)e.b_off + (Index)iy * g.w + ix];
     }
     template <typename A>
     __device__ void store(Index m, Index n, A v) const {
@@ -329,7 +310,7 @@ __device__ __forceinline__ void gemm_simt(const Problem& P, long long m0, long l
 
     A ra[LA], rb[LB];
     for (int s = 0; s < LA; ++s)
-        ra[s] = to_acc(P.a(sl.rows[s], kb + sl.a_k[s], ktab[0][sl.a_k[s]]));
+        ra[s] = to_acc(P.a(sl.rows[s], ktab[0][sl.a_k[s]]));
     for (int s = 0; s < LB; ++s) rb[s] = to_acc(P.b(sl.cols[s], ktab[0][sl.b_k[s]]));
 
     for (int t = 0; t < tiles; ++t) {
@@ -341,7 +322,7 @@ __device__ __forceinline__ void gemm_simt(const Problem& P, long long m0, long l
         __syncthreads();
         if (t + 1 < tiles) {  // issue the next tile's loads before this tile's math
             for (int s = 0; s < LA; ++s)
-                ra[s] = to_acc(P.a(sl.rows[s], knext + sl.a_k[s], ktab[nb][sl.a_k[s]]));
+                ra[s] = to_acc(P.a(sl.rows[s], ktab[nb][sl.a_k[s]]));
             for (int s = 0; s < LB; ++s) rb[s] = to_acc(P.b(sl.cols[s], ktab[nb][sl.b_k[s]]));
         }
 #pragma unroll
@@ -398,7 +379,7 @@ __device__ __forceinline__ void gemm_mma(const Problem& P, long long m0, long lo
     __syncthreads();
 
     T ra[LA], rb[LB];
-    for (int s = 0; s < LA; ++s) ra[s] = P.a(sl.rows[s], kb + sl.a_k[s], ktab[0][sl.a_k[s]]);
+    for (int s = 0; s < LA; ++s) ra[s] = P.a(sl.rows[s], ktab[0][sl.a_k[s]]);
     for (int s = 0; s < LB; ++s) rb[s] = P.b(sl.cols[s], ktab[0][sl.b_k[s]]);
 
     for (int t = 0; t < tiles; ++t) {
@@ -409,7 +390,7 @@ __device__ __forceinline__ void gemm_mma(const Problem& P, long long m0, long lo
         if (tid < BK && t + 1 < tiles) ktab[nb][tid] = P.entry(knext + tid);
         __syncthreads();
         if (t + 1 < tiles) {
-            for (int s = 0; s < LA; ++s) ra[s] = P.a(sl.rows[s], knext + sl.a_k[s], ktab[nb][sl.a_k[s]]);
+            for (int s = 0; s < LA; ++s) ra[s] = P.a(sl.rows[s], ktab[nb][sl.a_k[s]]);
             for (int s = 0; s < LB; ++s) rb[s] = P.b(sl.cols[s], ktab[nb][sl.b_k[s]]);
         }
 #pragma unroll
@@ -484,14 +465,14 @@ __global__ void conv2d_backward_input_implicit_gemm(const T* __restrict__ gy,
 }
 
 // blockIdx.z = local group * splits + split.
-template <typename T, typename Index, bool Pointwise, int BM, int BN, int BK, int TM, int TN>
+template <typename T, typename Index, int BM, int BN, int BK, int TM, int TN>
 __global__ void conv2d_backward_weight_implicit_gemm(const T* __restrict__ gy,
                                                      const T* __restrict__ x,
                                                      T* __restrict__ gw,
                                                      typename Acc<T>::type* __restrict__ partial,
                                                      ConvGeometry g) {
     const int z = (int)blockIdx.z;
-    BackwardWeightProblem<T, Index, Pointwise> P{gy, x, gw, partial, g,
+    BackwardWeightProblem<T, Index> P{gy, x, gw, partial, g,
                                                  g.group_base + z / g.splits, z % g.splits};
     run_gemm<BM, BN, BK, TM, TN, T>(P);
 }

@@ -64,9 +64,8 @@ def register(op: str):
 
 
 def instantiations(op: str, dtype: torch.dtype) -> list[str]:
-    """Every name expression of ``op``'s source for ``dtype``."""
-    from . import conv2d, pool2d  # noqa: F401  (registers both ops)
-
+    """Every name expression of ``op``'s source for ``dtype`` (the engine modules register
+    them when ``fastconv.cuda`` is imported)."""
     return list(_REGISTRY[op](dtype))
 
 
@@ -86,11 +85,10 @@ def index_scalar(index: str, value: int):
     return np.int32(value) if index == "int" else np.int64(value)
 
 
-def blocks_for(count: int, device_index: int) -> int:
-    """Grid size of a grid-stride kernel over ``count`` elements: enough blocks to fill the
-    device, capped so that each thread loops over several elements of a large tensor."""
-    want = -(-count // THREADS)
-    return max(1, min(want, backend().sm_count(device_index) * 32))
+def sm_count(like: torch.Tensor) -> int:
+    """Streaming multiprocessors of ``like``'s device (as the active backend reports them)."""
+    be = backend()
+    return be.sm_count(be.device_index(like))
 
 
 def source(op: str) -> tuple[Path, str]:
@@ -119,9 +117,6 @@ class CupyBackend:
 
     def sm_count(self, device_index: int) -> int:
         return _sm_count(device_index)
-
-    def capability(self, device_index: int) -> tuple[int, int]:
-        return torch.cuda.get_device_capability(device_index)
 
     def _module(self, device_index: int, op: str, dtype: torch.dtype):
         key = (device_index, op, dtype)
@@ -223,6 +218,14 @@ def launch(op: str, like: torch.Tensor, name: str, grid, block, args) -> None:
     be = backend()
     be.launch(be.device_index(like), op, like.dtype, name, grid, block,
               tuple(_arg(a) for a in args))
+
+
+def launch_over(op: str, like: torch.Tensor, name: str, count: int, args) -> None:
+    """Launch a grid-stride kernel over ``count`` elements, THREADS per block: enough blocks
+    to fill the device, capped so that each thread of a large launch loops over several
+    elements."""
+    blocks = max(1, min(-(-count // THREADS), sm_count(like) * 32))
+    launch(op, like, name, (blocks,), (THREADS,), args)
 
 
 def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

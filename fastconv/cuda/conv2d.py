@@ -60,7 +60,7 @@ def _instantiations(dtype):
             for pointwise in (False, True):
                 yield L.expr("conv2d_forward_implicit_gemm", t, index, pointwise, *tile)
                 yield L.expr("conv2d_backward_input_implicit_gemm", t, index, pointwise, *tile)
-            yield L.expr("conv2d_backward_weight_implicit_gemm", t, index, False, *tile)
+            yield L.expr("conv2d_backward_weight_implicit_gemm", t, index, *tile)
         yield L.expr("conv2d_backward_weight_reduce", t, index)
         yield L.expr("conv2d_backward_bias", t, index, L.THREADS)
         yield L.expr("conv2d_forward_depthwise", t, index)
@@ -87,24 +87,25 @@ def _is_pointwise(params: Conv2dParams, weight_shape) -> bool:
             and params.padding == (0, 0, 0, 0))
 
 
-def _pick_tile(dtype, m: int, n: int, device_index: int):
-    tiles = _tiles(dtype)
+def _pick_tile(like: torch.Tensor, m: int, n: int):
+    tiles = _tiles(like.dtype)
     if len(tiles) == 1:
         return next(iter(tiles.values()))
     if m <= 32:
         return tiles["32x128"]
     # The big tile halves shared-memory traffic per FMA but needs enough tiles to fill the GPU.
-    if m >= 128 and -(-m // 128) * -(-n // 128) >= 2 * L.backend().sm_count(device_index):
+    if m >= 128 and -(-m // 128) * -(-n // 128) >= 2 * L.sm_count(like):
         return tiles["128x128"]
     return tiles["64x64"]
 
 
-def _launch_gemm(kernel: str, like, dtype, index, pointwise, m, n, groups, splits, args, geom):
-    """Launch one implicit-GEMM kernel over groups (and K splits), chunking grid.z."""
-    device_index = L.backend().device_index(like)
-    tile = _pick_tile(dtype, m, n, device_index)
+def _launch_gemm(kernel: str, like, variant: tuple, m, n, groups, args, geom, tile=None,
+                 splits: int = 1):
+    """Launch one implicit-GEMM kernel over groups (and K splits), chunking grid.z.
+    ``variant``: template arguments between the index type and the tile, e.g. (pointwise,)."""
+    tile = tile or _pick_tile(like, m, n)
     bm, bn = tile[0], tile[1]
-    name = L.expr(kernel, L.CTYPES[dtype], index, pointwise, *tile)
+    name = L.expr(kernel, L.CTYPES[like.dtype], L.index_type(*args), *variant, *tile)
     per_launch = max(1, 65535 // splits)
     for base in range(0, groups, per_launch):
         count = min(per_launch, groups - base)
@@ -117,26 +118,27 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _depthwise(kernel: str, out: torch.Tensor, args, template=()) -> torch.Tensor:
+    """Run a direct depthwise kernel, one thread per element of ``out``."""
+    name = L.expr(kernel, L.CTYPES[out.dtype], L.index_type(*args[:-1]), *template)
+    L.launch_over("conv2d", out, name, out.numel(), args)
+    return out
+
+
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    params: Conv2dParams) -> torch.Tensor:
     """x (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), bias (C_out,) or None
     -> (N, C_out, Ho, Wo)."""
     x, weight, bias = _contiguous(x, weight, bias)
     n, _, h, w = x.shape
-    c_out, cin_g, kh, kw = weight.shape
-    ho, wo = params.output_hw((h, w), (kh, kw))
+    c_out = weight.shape[0]
+    ho, wo = params.output_hw((h, w), tuple(weight.shape[2:]))
     y = L.empty((n, c_out, ho, wo), x)
     geom = _geometry(x.shape, weight.shape, params, (ho, wo))
-    index = L.index_type(x, y, weight)
-    t = L.CTYPES[x.dtype]
     if _is_depthwise(weight.shape):
-        L.launch("conv2d", x, L.expr("conv2d_forward_depthwise", t, index),
-                 (L.blocks_for(y.numel(), L.backend().device_index(x)),), (L.THREADS,),
-                 (x, weight, bias, y, geom))
-        return y
-    _launch_gemm("conv2d_forward_implicit_gemm", x, x.dtype, index,
-                 _is_pointwise(params, weight.shape), c_out // params.groups, n * ho * wo,
-                 params.groups, 1, (x, weight, bias, y), geom)
+        return _depthwise("conv2d_forward_depthwise", y, (x, weight, bias, y, geom))
+    _launch_gemm("conv2d_forward_implicit_gemm", x, (_is_pointwise(params, weight.shape),),
+                 c_out // params.groups, n * ho * wo, params.groups, (x, weight, bias, y), geom)
     return y
 
 
@@ -147,25 +149,19 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     n, c_in, h, w = input_shape
     gx = L.empty(input_shape, grad_out)
     geom = _geometry(input_shape, weight.shape, params, grad_out.shape[2:])
-    index = L.index_type(gx, grad_out, weight)
-    t = L.CTYPES[grad_out.dtype]
     if _is_depthwise(weight.shape):
-        L.launch("conv2d", gx, L.expr("conv2d_backward_input_depthwise", t, index),
-                 (L.blocks_for(gx.numel(), L.backend().device_index(gx)),), (L.THREADS,),
-                 (grad_out, weight, gx, geom))
-        return gx
-    _launch_gemm("conv2d_backward_input_implicit_gemm", gx, gx.dtype, index,
-                 _is_pointwise(params, weight.shape), c_in // params.groups, n * h * w,
-                 params.groups, 1, (grad_out, weight, gx), geom)
+        return _depthwise("conv2d_backward_input_depthwise", gx, (grad_out, weight, gx, geom))
+    _launch_gemm("conv2d_backward_input_implicit_gemm", gx, (_is_pointwise(params, weight.shape),),
+                 c_in // params.groups, n * h * w, params.groups, (grad_out, weight, gx), geom)
     return gx
 
 
-def _weight_splits(m: int, n: int, k: int, groups: int, tile, device_index: int) -> int:
+def _weight_splits(like: torch.Tensor, m: int, n: int, k: int, groups: int, tile) -> int:
     """K splits for the weight gradient: enough blocks to fill the device, each split at
     least 8 K steps long. A function of the shapes and the device only, so a given GPU
     sums in the same order every run."""
     blocks = -(-m // tile[0]) * -(-n // tile[1]) * groups
-    want = -(-2 * L.backend().sm_count(device_index) // blocks)
+    want = -(-2 * L.sm_count(like) // blocks)
     most = max(1, k // (8 * tile[2]))
     return int(max(1, min(want, most, 64)))
 
@@ -180,26 +176,27 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     gw = L.empty(weight_shape, x)
     geom = _geometry(x.shape, weight_shape, params, (ho, wo))
     t = L.CTYPES[x.dtype]
-    device_index = L.backend().device_index(x)
     if _is_depthwise(weight_shape):
-        index = L.index_type(x, grad_out)
-        L.launch("conv2d", x, L.expr("conv2d_backward_weight_depthwise", t, index, L.THREADS),
-                 (gw.numel(),), (L.THREADS,), (grad_out, x, gw, geom))
+        # One block per weight element, each reducing over the batch's output pixels.
+        name = L.expr("conv2d_backward_weight_depthwise", t, L.index_type(x, grad_out),
+                      L.THREADS)
+        L.launch("conv2d", x, name, (gw.numel(),), (L.THREADS,), (grad_out, x, gw, geom))
         return gw
     groups = params.groups
     m, ncols, k = c_out // groups, cin_g * kh * kw, n * ho * wo
-    tile = _pick_tile(x.dtype, m, ncols, device_index)
-    splits = _weight_splits(m, ncols, k, groups, tile, device_index)
+    tile = _pick_tile(x, m, ncols)
+    splits = _weight_splits(x, m, ncols, k, groups, tile)
     geom["splits"] = splits
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = L.empty((splits, gw.numel()), x, acc) if splits > 1 else None
-    index = L.index_type(x, grad_out, partial)
-    _launch_gemm("conv2d_backward_weight_implicit_gemm", x, x.dtype, index, False, m, ncols,
-                 groups, splits, (grad_out, x, gw, partial), geom)
+    args = (grad_out, x, gw, partial)
+    _launch_gemm("conv2d_backward_weight_implicit_gemm", x, (), m, ncols, groups, args, geom,
+                 tile, splits)
     if partial is not None:
-        L.launch("conv2d", x, L.expr("conv2d_backward_weight_reduce", t, index),
-                 (L.blocks_for(gw.numel(), device_index),), (L.THREADS,),
-                 (partial, gw, L.index_scalar(index, gw.numel()), np.int32(splits)))
+        index = L.index_type(*args)
+        L.launch_over("conv2d", gw, L.expr("conv2d_backward_weight_reduce", t, index),
+                      gw.numel(), (partial, gw, L.index_scalar(index, gw.numel()),
+                                   np.int32(splits)))
     return gw
 
 
@@ -209,6 +206,7 @@ def conv2d_backward_bias(grad_out: torch.Tensor) -> torch.Tensor:
     n, c, ho, wo = grad_out.shape
     gb = L.empty((c,), grad_out)
     index = L.index_type(grad_out)
+    # One block per channel: the block tree fixes the summation order.
     L.launch("conv2d", grad_out,
              L.expr("conv2d_backward_bias", L.CTYPES[grad_out.dtype], index, L.THREADS),
              (c,), (L.THREADS,),

@@ -40,10 +40,13 @@ def _geometry(input_shape, out_hw, params: Pool2dParams, count_include_pad=True,
     return g
 
 
-def _run(name: str, like: torch.Tensor, count: int, index: str, args, template=()) -> None:
-    """Launch a grid-stride pooling kernel over ``count`` elements."""
-    L.launch("pool2d", like, L.expr(name, L.CTYPES[like.dtype], index, *template),
-             (L.blocks_for(count, L.backend().device_index(like)),), (L.THREADS,), args)
+def _run(name: str, out: torch.Tensor, args, template=()) -> torch.Tensor:
+    """Launch a grid-stride pooling kernel, one thread per element of ``out``."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    index = L.index_type(*tensors)
+    L.launch_over("pool2d", out, L.expr(name, L.CTYPES[out.dtype], index, *template),
+                  out.numel(), args)
+    return out
 
 
 def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
@@ -54,9 +57,8 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool
     ho, wo = params.output_hw((h, w))
     y = L.empty((n, c, ho, wo), x)
     idx = L.empty((n, c, ho, wo), x, torch.int64) if with_indices else None
-    index = L.index_type(x, y)
-    _run("max_pool2d_forward", x, y.numel(), index,
-         (x, y, idx, _geometry(x.shape, (ho, wo), params)), (with_indices,))
+    _run("max_pool2d_forward", y, (x, y, idx, _geometry(x.shape, (ho, wo), params)),
+         (with_indices,))
     return y, idx
 
 
@@ -65,10 +67,8 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
     """grad_out and indices (N, C, Ho, Wo) -> grad of input, ``input_shape``."""
     grad_out, indices = grad_out.contiguous(), indices.contiguous()
     gx = L.empty(input_shape, grad_out)
-    index = L.index_type(gx, grad_out)
-    _run("max_pool2d_backward", grad_out, gx.numel(), index,
-         (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)))
-    return gx
+    return _run("max_pool2d_backward", gx,
+                (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)))
 
 
 def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,
@@ -78,10 +78,8 @@ def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad:
     n, c, h, w = x.shape
     ho, wo = params.output_hw((h, w))
     y = L.empty((n, c, ho, wo), x)
-    index = L.index_type(x, y)
     geom = _geometry(x.shape, (ho, wo), params, count_include_pad, divisor_override)
-    _run("avg_pool2d_forward", x, y.numel(), index, (x, y, geom))
-    return y
+    return _run("avg_pool2d_forward", y, (x, y, geom))
 
 
 def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParams,
@@ -89,8 +87,6 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
     """grad_out (N, C, Ho, Wo) -> grad of input, ``input_shape``."""
     grad_out = grad_out.contiguous()
     gx = L.empty(input_shape, grad_out)
-    index = L.index_type(gx, grad_out)
     geom = _geometry(input_shape, grad_out.shape[2:], params, count_include_pad,
                      divisor_override)
-    _run("avg_pool2d_backward", grad_out, gx.numel(), index, (grad_out, gx, geom))
-    return gx
+    return _run("avg_pool2d_backward", gx, (grad_out, gx, geom))

@@ -70,7 +70,7 @@ class EmulatorBackend:
         keep = []
         pointers = (ctypes.c_void_p * max(1, len(args)))()
         for i, a in enumerate(args):
-            if isinstance(a, (int, np.integer)) and not isinstance(a, np.generic):
+            if isinstance(a, int):
                 buf = ctypes.c_int64(a)  # as CuPy passes a Python int
             elif isinstance(a, (np.generic, np.ndarray)):
                 buf = ctypes.create_string_buffer(np.asarray(a).tobytes())
