@@ -32,8 +32,10 @@ class DeviceError(ValueError, RuntimeError):
 
 
 def _is_int(value) -> bool:
-    # bool is an Integral but stride=True is always a mistake.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # bool is an Integral but stride=True is always a mistake. The exact-type test first:
+    # an ABC isinstance costs ~1 us, and a conv call checks a dozen ints.
+    return type(value) is int or (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool))
 
 
 def pair(value, name: str, op: str) -> Pair:
@@ -124,9 +126,24 @@ def conv2d_params(kernel_hw: Pair, stride=1, padding=0, dilation=1, groups=1,
     return Conv2dParams(stride, pads, dilation, int(groups))
 
 
-# dtypes each engine computes in.
+def conv2d_op_params(stride, padding, dilation, groups, op: str = "conv2d") -> Conv2dParams:
+    """Conv2dParams from the ``fastconv::`` ops' schema form: stride and dilation pairs,
+    padding ``(top, bottom, left, right)``. Checked again because the ops can be called
+    directly (``torch.ops.fastconv.conv2d``), not only through ``fastconv.conv2d``."""
+    if len(padding) != 4 or not all(_is_int(p) for p in padding) or min(padding) < 0:
+        raise ArgumentError(f"{op}: padding must be 4 ints >= 0 (top, bottom, left, right), "
+                            f"got {padding!r}")
+    stride = _at_least(pair(stride, "stride", op), 1, "stride", op)
+    dilation = _at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    if not _is_int(groups) or groups < 1:
+        raise ArgumentError(f"{op}: groups must be a positive int, got {groups!r}")
+    return Conv2dParams(stride, tuple(int(p) for p in padding), dilation, int(groups))
+
+
+# dtypes each engine computes in. The CPU engine computes float16 and bfloat16 in float32 and
+# rounds each result once (PyTorch's CPU kernels accumulate those in float32 too).
 ENGINE_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 # Max pooling only compares, so integers work too on the CPU engine (PyTorch's CPU kernel
@@ -154,6 +171,14 @@ def check_dtype(name: str, tensor: torch.Tensor, op: str, integers: bool = False
                          f"{name} has dtype {tensor.dtype}")
 
 
+def check_layout(name: str, tensor: torch.Tensor, op: str) -> None:
+    """Sparse, nested and MKL-DNN tensors are not computed by fastconv: say so, by name."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        layout = "nested" if tensor.is_nested else str(tensor.layout)
+        raise NotImplementedError(f"{op}: fastconv computes on dense (torch.strided) tensors; "
+                                  f"{name} has layout {layout}. Convert it with .to_dense()")
+
+
 def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, other: torch.Tensor) -> None:
     """``other`` must share ``ref``'s device and dtype."""
     if other.device != ref.device:
@@ -164,6 +189,18 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, other: torc
                          f"{ref.dtype}; both must have the same dtype")
 
 
+def _check_tensors(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_input_dims(input: torch.Tensor, op: str) -> None:
+    if input.dim() not in (3, 4):
+        raise ArgumentError(f"{op}: expected input of 3 dims (C, H, W) or 4 dims (N, C, H, W), "
+                            f"got {input.dim()} dims with shape {tuple(input.shape)}")
+
+
 def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  params: Conv2dParams, op: str = "conv2d") -> tuple[int, ...]:
     """Validate conv2d operands; returns the output shape (without a batch dim if unbatched).
@@ -171,23 +208,36 @@ def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     input ``(N, C_in, H, W)`` or ``(C_in, H, W)``; weight ``(C_out, C_in/groups, kH, kW)``;
     bias ``(C_out,)`` or None.
     """
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise ArgumentError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if input.dim() not in (3, 4):
-        raise ArgumentError(f"{op}: expected input of 3 dims (C, H, W) or 4 dims (N, C, H, W), "
-                            f"got {input.dim()} dims with shape {tuple(input.shape)}")
+    _check_tensors(op, input=input, weight=weight, bias=bias)
+    _check_input_dims(input, op)
     if weight.dim() != 4:
         raise ArgumentError(f"{op}: expected weight of 4 dims (C_out, C_in/groups, kH, kW), "
                             f"got {weight.dim()} dims with shape {tuple(weight.shape)}")
+    check_layout("input", input, op)
+    check_layout("weight", weight, op)
     check_dtype("input", input, op)
     check_same(op, "input", input, "weight", weight)
-    c_in = input.shape[-3]
-    c_out, c_in_g, kh, kw = weight.shape
+    c_out = weight.shape[0]
+    if bias is not None:
+        check_layout("bias", bias, op)
+        check_same(op, "input", input, "bias", bias)
+        if tuple(bias.shape) != (c_out,):
+            raise ArgumentError(f"{op}: expected bias of shape ({c_out},) to match "
+                                f"weight.shape[0], got {tuple(bias.shape)}")
+    out = conv2d_output_shape((1,) + tuple(input.shape[-3:]), tuple(weight.shape), params, op)
+    return tuple(input.shape[:-3]) + out[1:]
+
+
+def conv2d_output_shape(input_shape, weight_shape, params: Conv2dParams,
+                        op: str = "conv2d") -> tuple[int, int, int, int]:
+    """(N, C_out, Ho, Wo) for input ``(N, C_in, H, W)`` and weight ``(C_out, C_in/groups, kH,
+    kW)``, after checking that channels, groups and sizes agree."""
+    n, c_in, h, w = input_shape
+    c_out, c_in_g, kh, kw = weight_shape
     g = params.groups
     if c_out == 0 or c_in_g == 0 or kh == 0 or kw == 0:
         raise ArgumentError(f"{op}: weight must have no zero-size dimension, got shape "
-                            f"{tuple(weight.shape)}")
+                            f"{tuple(weight_shape)}")
     if c_in % g:
         raise ArgumentError(f"{op}: groups={g} must divide the input channels, got {c_in}")
     if c_out % g:
@@ -195,22 +245,109 @@ def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                             f"(weight.shape[0]), got {c_out}")
     if c_in_g * g != c_in:
         raise ArgumentError(
-            f"{op}: input has {c_in} channels but weight of shape {tuple(weight.shape)} with "
+            f"{op}: input has {c_in} channels but weight of shape {tuple(weight_shape)} with "
             f"groups={g} expects {c_in_g * g} (weight.shape[1] * groups)")
-    if bias is not None:
-        check_same(op, "input", input, "bias", bias)
-        if tuple(bias.shape) != (c_out,):
-            raise ArgumentError(f"{op}: expected bias of shape ({c_out},) to match "
-                                f"weight.shape[0], got {tuple(bias.shape)}")
     top, bottom, left, right = params.padding
-    h, w = input.shape[-2], input.shape[-1]
     ho, wo = params.output_hw((h, w), (kh, kw))
     if ho < 1 or wo < 1:
         eff = (params.dilation[0] * (kh - 1) + 1, params.dilation[1] * (kw - 1) + 1)
         raise ArgumentError(
             f"{op}: kernel of size {eff} (dilation included) is larger than the padded input "
             f"of size ({h + top + bottom}, {w + left + right}); output would be {ho}x{wo}")
-    return tuple(input.shape[:-3]) + (c_out, ho, wo)
+    return n, c_out, ho, wo
+
+
+def check_conv2d_backward(grad_output: torch.Tensor, other_name: str, other: torch.Tensor,
+                          input_shape, weight_shape, params: Conv2dParams, op: str) -> None:
+    """The gradient passes' operands: ``other`` (the weight or the input) shares
+    grad_output's device and dtype, and grad_output is ``(N, C_out, Ho', Wo')``, the conv
+    output of ``input_shape`` or its top-left part (``Ho' <= Ho``: conv_transpose2d with an
+    output_padding of at least the stride leaves the last output rows without a source)."""
+    _check_tensors(op, grad_output=grad_output, **{other_name: other})
+    check_layout("grad_output", grad_output, op)
+    check_layout(other_name, other, op)
+    check_dtype("grad_output", grad_output, op)
+    check_same(op, "grad_output", grad_output, other_name, other)
+    if grad_output.dim() != 4:
+        raise ArgumentError(f"{op}: expected grad_output of 4 dims (N, C_out, Ho, Wo), got "
+                            f"shape {tuple(grad_output.shape)}")
+    n, c_out, ho, wo = conv2d_output_shape(input_shape, weight_shape, params, op)
+    gn, gc, gh, gw = grad_output.shape
+    if gn != n or gc != c_out or gh > ho or gw > wo:
+        raise ArgumentError(f"{op}: grad_output of shape {tuple(grad_output.shape)} does not "
+                            f"fit a conv output of shape {(n, c_out, ho, wo)}")
+
+
+@dataclass(frozen=True)
+class ConvTranspose2dParams:
+    """Normalised conv_transpose2d options; ``conv`` is the conv2d whose input gradient the
+    transposed convolution is."""
+
+    conv: Conv2dParams
+    output_padding: Pair
+
+
+def conv_transpose2d_params(stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                            op: str = "conv_transpose2d") -> ConvTranspose2dParams:
+    """Validate and normalise conv_transpose2d options (ints or pairs; no string padding)."""
+    if isinstance(padding, str):
+        raise ArgumentError(f"{op}: padding must be an int or a pair of ints, got {padding!r}")
+    conv = conv2d_params((1, 1), stride, padding, dilation, groups, op=op)
+    out_pad = _at_least(pair(output_padding, "output_padding", op), 0, "output_padding", op)
+    for a in (0, 1):
+        if out_pad[a] >= max(conv.stride[a], conv.dilation[a]):
+            raise ArgumentError(
+                f"{op}: output_padding must be smaller than stride or dilation in each "
+                f"dimension, got output_padding={out_pad}, stride={conv.stride}, "
+                f"dilation={conv.dilation}")
+    return ConvTranspose2dParams(conv, out_pad)
+
+
+def check_conv_transpose2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           params: ConvTranspose2dParams,
+                           op: str = "conv_transpose2d") -> tuple[int, ...]:
+    """Validate conv_transpose2d operands; returns the output shape (unbatched if input is).
+
+    input ``(N, C_in, H, W)`` or ``(C_in, H, W)``; weight ``(C_in, C_out/groups, kH, kW)``;
+    bias ``(C_out,)`` or None. Output ``H_out = (H-1)*stride - 2*padding +
+    dilation*(kH-1) + output_padding + 1``.
+    """
+    _check_tensors(op, input=input, weight=weight, bias=bias)
+    _check_input_dims(input, op)
+    if weight.dim() != 4:
+        raise ArgumentError(f"{op}: expected weight of 4 dims (C_in, C_out/groups, kH, kW), "
+                            f"got {weight.dim()} dims with shape {tuple(weight.shape)}")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_layout(name, t, op)
+    check_dtype("input", input, op)
+    check_same(op, "input", input, "weight", weight)
+    c_in, h, w = input.shape[-3:]
+    w_in, cout_g, kh, kw = weight.shape
+    conv = params.conv
+    g = conv.groups
+    if 0 in weight.shape:
+        raise ArgumentError(f"{op}: weight must have no zero-size dimension, got shape "
+                            f"{tuple(weight.shape)}")
+    if c_in % g:
+        raise ArgumentError(f"{op}: groups={g} must divide the input channels, got {c_in}")
+    if w_in != c_in:
+        raise ArgumentError(f"{op}: input has {c_in} channels but weight of shape "
+                            f"{tuple(weight.shape)} expects {w_in} (weight.shape[0])")
+    c_out = cout_g * g
+    if bias is not None:
+        check_same(op, "input", input, "bias", bias)
+        if tuple(bias.shape) != (c_out,):
+            raise ArgumentError(f"{op}: expected bias of shape ({c_out},) = (weight.shape[1] * "
+                                f"groups,), got {tuple(bias.shape)}")
+    size = []
+    for a, (n_in, k) in enumerate(((h, kh), (w, kw))):
+        size.append((n_in - 1) * conv.stride[a] - conv.padding[2 * a] - conv.padding[2 * a + 1]
+                    + conv.dilation[a] * (k - 1) + params.output_padding[a] + 1)
+    if min(size) < 1 or min(h, w) < 1:
+        raise ArgumentError(f"{op}: input of size ({h}, {w}) gives an output of size "
+                            f"{tuple(size)} with these options; it must be at least 1x1")
+    return tuple(input.shape[:-3]) + (c_out, *size)
 
 
 @dataclass(frozen=True)
@@ -257,6 +394,7 @@ def check_pool2d(input: torch.Tensor, params: Pool2dParams, op: str,
     if input.dim() not in (3, 4):
         raise ArgumentError(f"{op}: expected input of 3 dims (C, H, W) or 4 dims (N, C, H, W), "
                             f"got {input.dim()} dims with shape {tuple(input.shape)}")
+    check_layout("input", input, op)
     check_dtype("input", input, op, integers=integers)
     h, w = input.shape[-2:]
     ho, wo = params.output_hw((h, w))

@@ -20,6 +20,14 @@ __device__ __forceinline__ int end_window(int i, int pad, int stride, int out) {
     return e < out ? e : out;
 }
 
+// Does window o (along one axis) hold an input element: a tap start + t*d in [0, size) for
+// some t < k, where start = o*s - pad?
+__device__ __forceinline__ bool window_holds_input(int o, int size, int k, int s, int pad, int d) {
+    const int start = o * s - pad;
+    const int t0 = start >= 0 ? 0 : (-start + d - 1) / d;
+    return t0 < k && start + t0 * d < size;
+}
+
 // Average pooling's divisor for window (oy, ox), as PyTorch computes it: the window clipped
 // to the padded input counts for count_include_pad, the window clipped to the input
 // otherwise. Returns 0 for a window with no input element (its output is 0).
@@ -104,6 +112,26 @@ __global__ void max_pool2d_backward(const T* __restrict__ gy, const long long* _
                 if (indices[o] == me) sum += to_acc(gy[o]);
             }
         gx[e] = Store<T>::from(sum);
+    }
+}
+
+// ggy (planes, Ho, Wo) = ggx (planes, H, W) gathered at the forward's indices: the gradient of
+// max_pool2d_backward with respect to its gy (double backward). A window wholly in the padding
+// sent its gradient nowhere, so it gets 0; so does an index outside the plane (never read).
+template <typename T, typename Index>
+__global__ void max_pool2d_double_backward(const T* __restrict__ ggx,
+                                           const long long* __restrict__ indices,
+                                           T* __restrict__ ggy, PoolGeometry g) {
+    const Index total = (Index)g.planes * g.ho * g.wo;
+    const long long plane = (long long)g.h * g.w;
+    for (Index e = global_thread_index<Index>(); e < total; e += grid_stride<Index>()) {
+        const PlanePos<Index> at = plane_pos(e, g.ho, g.wo);
+        const long long i = indices[e];
+        T v = zero_value<T>();
+        if (i >= 0 && i < plane && window_holds_input(at.y, g.h, g.kh, g.sh, g.ph, g.dh) &&
+            window_holds_input(at.x, g.w, g.kw, g.sw, g.pw, g.dw))
+            v = ggx[at.plane * (Index)plane + (Index)i];
+        ggy[e] = v;
     }
 }
 

@@ -43,8 +43,7 @@ def cuda_engine_on_cpu(backend):
     def engine(tensor, op):
         return fastconv.cuda
     dtypes = dict(_args.ENGINE_DTYPES, cpu=_args.ENGINE_DTYPES["cuda"])
-    with mock.patch("fastconv.ops.conv2d.engine_for", engine), \
-            mock.patch("fastconv.ops.pool2d.engine_for", engine), \
+    with mock.patch("fastconv.ops._library.engine_for", engine), \
             mock.patch.dict(_args.ENGINE_DTYPES, dtypes), L.use_backend(backend):
         yield backend
 

@@ -16,7 +16,6 @@ Three hazards, each handled here once for every CPU kernel:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -67,35 +66,53 @@ def engine_threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-@contextlib.contextmanager
-def parallel_region(items: int):
+class parallel_region:  # noqa: N801 - used like a function: ``with parallel_region(n):``
     """Run one Numba parallel kernel with ``items`` independent work items.
 
     Yields the number of threads the kernel's ``prange`` will use. Numba runs ``prange`` with
     torch's thread count when there are enough items; otherwise with one thread and BLAS gets
-    torch's count instead, so exactly torch's count of cores is ever busy.
+    torch's count instead, so exactly torch's count of cores is ever busy. A class rather
+    than a generator context manager, and counts set only when they change: this runs on
+    every engine call, and a tiny conv's whole kernel takes a few microseconds.
     """
-    torch_threads = torch.get_num_threads()
-    threads = engine_threads()
-    numba_threads = threads if items >= threads else 1
-    blas_threads = 1 if numba_threads > 1 else threads
-    blas = _numba_blas()
-    saved_blas = [lib.num_threads for lib in blas]
-    lock = _launch_lock if _layer in (None, "workqueue") else contextlib.nullcontext()
-    with lock:
-        saved_numba = numba.get_num_threads()
-        numba.set_num_threads(numba_threads)
-        for lib in blas:
-            lib.set_num_threads(blas_threads)
+
+    __slots__ = ("items", "torch_threads", "saved_numba", "saved_blas", "lock")
+
+    def __init__(self, items: int):
+        self.items = items
+
+    def __enter__(self) -> int:
+        self.torch_threads = torch.get_num_threads()
+        threads = engine_threads()
+        numba_threads = threads if self.items >= threads else 1
+        blas_threads = 1 if numba_threads > 1 else threads
+        self.lock = _launch_lock if _layer in (None, "workqueue") else None
+        if self.lock is not None:
+            self.lock.acquire()
+        self.saved_numba = numba.get_num_threads()
+        if self.saved_numba != numba_threads:
+            numba.set_num_threads(numba_threads)
+        self.saved_blas = []
+        for lib in _numba_blas():
+            current = lib.num_threads
+            if current != blas_threads:
+                lib.set_num_threads(blas_threads)
+                self.saved_blas.append((lib, current))
+        return numba_threads
+
+    def __exit__(self, *exc) -> bool:
         try:
-            yield numba_threads
-        finally:
-            for lib, n in zip(blas, saved_blas):
+            for lib, n in self.saved_blas:
                 lib.set_num_threads(n)
-            numba.set_num_threads(saved_numba)
+            if numba.get_num_threads() != self.saved_numba:
+                numba.set_num_threads(self.saved_numba)
             threading_layer()
-            if torch.get_num_threads() != torch_threads:
-                torch.set_num_threads(torch_threads)
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+        return False
 
 
 # ---------------------------------------------------------------------------- output memory
@@ -140,3 +157,31 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
             if hi > lo:
                 advise[0](lo, hi - lo, advise[1])  # a refused hint changes nothing
     return t
+
+
+# ------------------------------------------------------------------- half-precision dtypes
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _round(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+
+
+def float32_for_half(fn):
+    """Make an engine entry point take float16/bfloat16 tensors: Numba has neither type, so
+    they are widened to float32 (exactly), computed there, and each floating result is rounded
+    once to the input's dtype, as PyTorch's CPU kernels accumulate half types in float32."""
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        # Every entry point's first argument is a tensor of the op's dtype.
+        half = args[0].dtype
+        if half not in _HALF:
+            return fn(*args, **kwargs)
+        out = fn(*(a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a
+                   for a in args), **kwargs)
+        return tuple(_round(o, half) for o in out) if isinstance(out, tuple) \
+            else _round(out, half)
+
+    return entry
+

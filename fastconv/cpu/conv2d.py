@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from .._args import Conv2dParams
 from . import _runtime
-from ._runtime import engine_threads, parallel_region
+from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._window import col_range, front
 
 
@@ -209,6 +209,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+@float32_for_half
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    params: Conv2dParams) -> torch.Tensor:
     """x (N, C_in, H, W), weight (C_out, C_in/G, kH, kW), bias (C_out,) -> (N, C_out, Ho, Wo)."""
@@ -228,6 +229,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
+@float32_for_half
 def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape,
                           params: Conv2dParams) -> torch.Tensor:
     """grad_out (N, C_out, Ho, Wo), weight (C_out, C_in/G, kH, kW) -> grad_input (N, C_in, H, W)."""
@@ -246,6 +248,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     return gx
 
 
+@float32_for_half
 def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape,
                            params: Conv2dParams) -> torch.Tensor:
     """grad_out (N, C_out, Ho, Wo), x (N, C_in, H, W) -> grad_weight (C_out, C_in/G, kH, kW)."""
@@ -270,6 +273,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     return gw
 
 
+@float32_for_half
 def conv2d_backward_bias(grad_out: torch.Tensor) -> torch.Tensor:
     """grad_out (N, C_out, Ho, Wo) -> grad_bias (C_out,)."""
     n, c_out, ho, wo = grad_out.shape

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .._args import Pool2dParams
+from .._args import ArgumentError, Pool2dParams
 from . import _runtime
-from ._runtime import engine_threads, parallel_region
+from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._window import col_range, first_tap
 
 # Forward work is split into at most this many blocks per thread: enough to balance
@@ -132,10 +132,11 @@ def _max_forward(x3, y3, idx3, with_indices, lowest, blocks, kh, kw, sh, sw, ph,
 
 
 @njit(cache=True, parallel=True)
-def _max_backward(gy3, idx3, gx3, row_ok, col_ok):
+def _max_backward(gy3, idx3, gx3, row_ok, col_ok, bad):
     """Per plane, in output order: gx[idx[oh, ow]] += gy[oh, ow], for the windows that hold
     at least one input element (``row_ok[oh] and col_ok[ow]``; a window wholly in the padding
-    has no input element to send its gradient to)."""
+    has no input element to send its gradient to). An index outside the plane (indices not
+    made by max_pool2d) is skipped and flagged in ``bad[plane]``, never written through."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
     for p in prange(planes):
@@ -147,8 +148,34 @@ def _max_backward(gy3, idx3, gx3, row_ok, col_ok):
             gy = gy3[p, oh]
             idx = idx3[p, oh]
             for ow in range(wo):
+                i = idx[ow]
                 if col_ok[ow]:
-                    gx[idx[ow]] += gy[ow]
+                    if i < 0 or i >= h * w:
+                        bad[p] = 1
+                    else:
+                        gx[i] += gy[ow]
+
+
+@njit(cache=True, parallel=True)
+def _max_double_backward(ggx3, idx3, ggy3, row_ok, col_ok, bad):
+    """The adjoint of ``_max_backward``: ggy[oh, ow] = ggx[idx[oh, ow]] for the windows that
+    hold an input element, else 0."""
+    planes, h, w = ggx3.shape
+    ho, wo = ggy3.shape[1], ggy3.shape[2]
+    for p in prange(planes):
+        ggx = ggx3[p].reshape(h * w)
+        for oh in range(ho):
+            out = ggy3[p, oh]
+            idx = idx3[p, oh]
+            for ow in range(wo):
+                i = idx[ow]
+                if not (row_ok[oh] and col_ok[ow]):
+                    out[ow] = 0
+                elif i < 0 or i >= h * w:
+                    bad[p] = 1
+                    out[ow] = 0
+                else:
+                    out[ow] = ggx[i]
 
 
 @njit(cache=True, nogil=True)
@@ -253,6 +280,7 @@ def _planes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy().reshape(-1, h, w)
 
 
+@float32_for_half
 def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
     """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices int64 (N, C, Ho, Wo) into H*W).
 
@@ -273,23 +301,54 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool
     return y, idx if with_indices else None
 
 
+def _windows_ok(input_shape, out_hw, params: Pool2dParams):
+    h, w = input_shape[-2:]
+    return (_window_ok(out_hw[0], h, params.kernel[0], params.stride[0], params.padding[0],
+                       params.dilation[0]),
+            _window_ok(out_hw[1], w, params.kernel[1], params.stride[1], params.padding[1],
+                       params.dilation[1]))
+
+
+def _check_indices(bad: np.ndarray, op: str) -> None:
+    if bad.any():
+        raise ArgumentError(f"{op}: indices hold values outside [0, H*W) of the input plane; "
+                            f"pass the indices max_pool2d returned")
+
+
+@float32_for_half
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
                         params: Pool2dParams) -> torch.Tensor:
     """grad_out and indices (N, C, Ho, Wo) -> grad_input (N, C, H, W)."""
     n, c, h, w = input_shape
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
-        ho, wo = grad_out.shape[-2:]
-        row_ok = _window_ok(ho, h, params.kernel[0], params.stride[0], params.padding[0],
-                            params.dilation[0])
-        col_ok = _window_ok(wo, w, params.kernel[1], params.stride[1], params.padding[1],
-                            params.dilation[1])
+        bad = np.zeros(n * c, dtype=np.uint8)
         with parallel_region(n * c):
             _max_backward(_planes(grad_out), _planes(indices), gx.numpy().reshape(-1, h, w),
-                          row_ok, col_ok)
+                          *_windows_ok(input_shape, grad_out.shape[-2:], params), bad)
+        _check_indices(bad, "max_pool2d_backward")
     return gx
 
 
+@float32_for_half
+def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Tensor,
+                               params: Pool2dParams) -> torch.Tensor:
+    """grad_grad_input (N, C, H, W), indices (N, C, Ho, Wo) -> (N, C, Ho, Wo): the gradient
+    of max_pool2d_backward with respect to its grad_out (a gather at the argmax)."""
+    n, c, h, w = grad_grad_input.shape
+    ho, wo = indices.shape[-2:]
+    out = _runtime.empty((n, c, ho, wo), grad_grad_input.dtype)
+    if out.numel():
+        bad = np.zeros(n * c, dtype=np.uint8)
+        with parallel_region(n * c):
+            _max_double_backward(_planes(grad_grad_input), _planes(indices),
+                                 out.numpy().reshape(-1, ho, wo),
+                                 *_windows_ok((h, w), (ho, wo), params), bad)
+        _check_indices(bad, "max_pool2d_double_backward")
+    return out
+
+
+@float32_for_half
 def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,
                        divisor_override: int | None) -> torch.Tensor:
     """x (N, C, H, W) -> (N, C, Ho, Wo)."""
@@ -304,6 +363,7 @@ def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad:
     return y
 
 
+@float32_for_half
 def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParams,
                         count_include_pad: bool, divisor_override: int | None) -> torch.Tensor:
     """grad_out (N, C, Ho, Wo) -> grad_input (N, C, H, W)."""

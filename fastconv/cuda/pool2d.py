@@ -27,6 +27,7 @@ def _instantiations(dtype):
         yield L.expr("max_pool2d_forward", t, index, False)
         yield L.expr("max_pool2d_forward", t, index, True)
         yield L.expr("max_pool2d_backward", t, index)
+        yield L.expr("max_pool2d_double_backward", t, index)
         yield L.expr("avg_pool2d_forward", t, index)
         yield L.expr("avg_pool2d_backward", t, index)
 
@@ -69,6 +70,16 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
     gx = L.empty(input_shape, grad_out)
     return _run("max_pool2d_backward", gx,
                 (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)))
+
+
+def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Tensor,
+                               params: Pool2dParams) -> torch.Tensor:
+    """grad_grad_input (N, C, H, W), indices (N, C, Ho, Wo) -> (N, C, Ho, Wo): the gradient of
+    max_pool2d_backward with respect to its grad_out (a gather at the argmax)."""
+    ggx, indices = grad_grad_input.contiguous(), indices.contiguous()
+    out = L.empty(tuple(indices.shape), ggx)
+    return _run("max_pool2d_double_backward", out,
+                (ggx, indices, out, _geometry(ggx.shape, indices.shape[2:], params)))
 
 
 def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,

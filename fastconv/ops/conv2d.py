@@ -1,54 +1,211 @@
-"""conv2d: the autograd Function over the engines, and the functional API."""
+"""conv2d: the ``fastconv::conv2d*`` operators over the engines, and the functional API.
+
+Operators (``torch.ops.fastconv.<name>``), batched (N, C, H, W), options in normalised form
+(stride and dilation pairs, padding ``(top, bottom, left, right)``):
+
+* ``conv2d(input, weight, bias, stride, padding, dilation, groups)``
+* ``conv2d_backward_input(grad_output, weight, input_size, ...)``: the input gradient, which
+  is also ``conv_transpose2d``;
+* ``conv2d_backward_weight(grad_output, input, kernel_size, ...)``;
+* ``conv2d_backward_bias(grad_output)``.
+
+The three conv passes are bilinear and each one's gradient is made of the other two (below),
+so gradients of any order are fastconv kernels; nothing is ``once_differentiable``.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._args import Conv2dParams, check_conv2d, conv2d_params
-from .._profiling import op_range
-from ._engine import engine_for
+from .._args import (ArgumentError, check_conv2d, check_conv2d_backward, check_dtype,
+                     check_layout, conv2d_op_params, conv2d_params)
+from ._library import Checked, autocast, define_op, output_format
 
-
-class Conv2dFunction(torch.autograd.Function):
-    """Batched conv2d with normalised ``params``; input (N, C_in, H, W)."""
-
-    @staticmethod
-    def forward(input, weight, bias, params: Conv2dParams):
-        engine = engine_for(input, "conv2d").conv2d
-        with op_range("fastconv.conv2d.forward", input):
-            return engine.conv2d_forward(input, weight, bias, params)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, params = inputs
-        ctx.params = params
-        ctx.input_shape = tuple(input.shape)
-        ctx.weight_shape = tuple(weight.shape)
-        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # grad_input needs the weight, grad_weight needs the input; keep nothing else alive.
-        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        input, weight = ctx.saved_tensors
-        engine = engine_for(grad_out, "conv2d").conv2d
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            with op_range("fastconv.conv2d.backward_input", grad_out):
-                grad_input = engine.conv2d_backward_input(grad_out, weight, ctx.input_shape,
-                                                          ctx.params)
-        if ctx.needs_input_grad[1]:
-            with op_range("fastconv.conv2d.backward_weight", grad_out):
-                grad_weight = engine.conv2d_backward_weight(grad_out, input, ctx.weight_shape,
-                                                            ctx.params)
-        if ctx.needs_input_grad[2]:
-            with op_range("fastconv.conv2d.backward_bias", grad_out):
-                grad_bias = engine.conv2d_backward_bias(grad_out)
-        return grad_input, grad_weight, grad_bias, None
+_OPTIONS = "int[2] stride, int[4] padding, int[2] dilation, int groups"
+ops = torch.ops.fastconv
 
 
+def _crop(t: torch.Tensor, size) -> torch.Tensor:
+    """``t`` cut to spatial ``size``: a conv of conv_transpose2d's output can be a row or column
+    longer than the conv_transpose2d input it is the gradient for (output_padding >= stride,
+    possible with dilation)."""
+    h, w = size
+    return t if tuple(t.shape[-2:]) == (h, w) else t[..., :h, :w]
+
+
+# ---------------------------------------------------------------------------- forward pass
+def _forward_check(input, weight, bias, stride, padding, dilation, groups):
+    params = conv2d_op_params(stride, padding, dilation, groups)
+    _check_batched(input)
+    shape = check_conv2d(input, weight, bias, params)
+    return Checked(input, shape, output_format(input, weight), params)
+
+
+def _forward(engine, checked, input, weight, bias, *_options):
+    return engine.conv2d.conv2d_forward(input, weight, bias, checked.params)
+
+
+def _forward_setup(ctx, inputs, output):
+    input, weight, _bias, *options = inputs
+    ctx.options = options
+    ctx.input_size = input.shape[-2:]
+    ctx.kernel_size = weight.shape[-2:]
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # grad_input needs the weight, grad_weight needs the input; keep nothing else alive.
+    ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+
+
+def _forward_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = ops.conv2d_backward_input(grad, weight, ctx.input_size, *ctx.options)
+    if ctx.needs_input_grad[1]:
+        grad_weight = ops.conv2d_backward_weight(grad, input, ctx.kernel_size, *ctx.options)
+    if ctx.needs_input_grad[2]:
+        grad_bias = ops.conv2d_backward_bias(grad)
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+define_op(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_OPTIONS}) -> Tensor",
+          _forward_check, _forward, "fastconv.conv2d.forward", _forward_backward,
+          _forward_setup)
+
+
+# ------------------------------------------------------------------------- input gradient
+def _backward_input_check(grad_output, weight, input_size, stride, padding, dilation, groups):
+    op = "conv2d_backward_input"
+    params = conv2d_op_params(stride, padding, dilation, groups, op)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ArgumentError(f"{op}: expected weight of 4 dims (C_out, C_in/groups, kH, kW), "
+                            f"got {getattr(weight, 'shape', weight)}")
+    _check_batched(grad_output, op, "grad_output")
+    shape = (grad_output.shape[0], weight.shape[1] * groups, *input_size)
+    check_conv2d_backward(grad_output, "weight", weight, shape, tuple(weight.shape), params, op)
+    return Checked(grad_output, shape, output_format(grad_output, weight), params)
+
+
+def _backward_input(engine, checked, grad_output, weight, *_options):
+    return engine.conv2d.conv2d_backward_input(grad_output, weight, checked.shape,
+                                               checked.params)
+
+
+def _backward_input_setup(ctx, inputs, output):
+    grad_output, weight, _size, *options = inputs
+    ctx.options = options
+    ctx.kernel_size = weight.shape[-2:]
+    ctx.out_size = grad_output.shape[-2:]
+    need_grad, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(grad_output if need_weight else None, weight if need_grad else None)
+
+
+def _backward_input_backward(ctx, grad_grad_input):
+    # <conv2d_backward_input(g, w), u> = <g, conv2d(u, w)>: linear in g and in w.
+    grad_output, weight = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = _crop(ops.conv2d(grad_grad_input, weight, None, *ctx.options), ctx.out_size)
+    if ctx.needs_input_grad[1]:
+        d_weight = ops.conv2d_backward_weight(grad_output, grad_grad_input, ctx.kernel_size,
+                                              *ctx.options)
+    return d_grad, d_weight, None, None, None, None, None
+
+
+define_op(f"conv2d_backward_input(Tensor grad_output, Tensor weight, SymInt[2] input_size, "
+          f"{_OPTIONS}) -> Tensor",
+          _backward_input_check, _backward_input, "fastconv.conv2d.backward_input",
+          _backward_input_backward, _backward_input_setup)
+
+
+# ------------------------------------------------------------------------ weight gradient
+def _backward_weight_check(grad_output, input, kernel_size, stride, padding, dilation, groups):
+    op = "conv2d_backward_weight"
+    params = conv2d_op_params(stride, padding, dilation, groups, op)
+    _check_batched(input, op)
+    _check_batched(grad_output, op, "grad_output")
+    if len(kernel_size) != 2:
+        raise ArgumentError(f"{op}: kernel_size must be (kH, kW), got {kernel_size!r}")
+    shape = (grad_output.shape[1], input.shape[1] // groups, *kernel_size)
+    check_conv2d_backward(grad_output, "input", input, tuple(input.shape), shape, params, op)
+    return Checked(grad_output, shape, output_format(grad_output, input), params)
+
+
+def _backward_weight(engine, checked, grad_output, input, *_options):
+    return engine.conv2d.conv2d_backward_weight(grad_output, input, checked.shape,
+                                                checked.params)
+
+
+def _backward_weight_setup(ctx, inputs, output):
+    grad_output, input, _size, *options = inputs
+    ctx.options = options
+    ctx.input_size = input.shape[-2:]
+    ctx.out_size = grad_output.shape[-2:]
+    need_grad, need_input = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(grad_output if need_input else None, input if need_grad else None)
+
+
+def _backward_weight_backward(ctx, grad_grad_weight):
+    # <conv2d_backward_weight(g, x), v> = <g, conv2d(x, v)> = <conv2d_backward_input(g, v), x>.
+    grad_output, input = ctx.saved_tensors
+    d_grad = d_input = None
+    if ctx.needs_input_grad[0]:
+        d_grad = _crop(ops.conv2d(input, grad_grad_weight, None, *ctx.options), ctx.out_size)
+    if ctx.needs_input_grad[1]:
+        d_input = ops.conv2d_backward_input(grad_output, grad_grad_weight, ctx.input_size,
+                                            *ctx.options)
+    return d_grad, d_input, None, None, None, None, None
+
+
+define_op(f"conv2d_backward_weight(Tensor grad_output, Tensor input, SymInt[2] kernel_size, "
+          f"{_OPTIONS}) -> Tensor",
+          _backward_weight_check, _backward_weight, "fastconv.conv2d.backward_weight",
+          _backward_weight_backward, _backward_weight_setup)
+
+
+# -------------------------------------------------------------------------- bias gradient
+def _backward_bias_check(grad_output):
+    op = "conv2d_backward_bias"
+    _check_batched(grad_output, op, "grad_output")
+    check_layout("grad_output", grad_output, op)
+    check_dtype("grad_output", grad_output, op)
+    return Checked(grad_output, (grad_output.shape[1],), torch.contiguous_format, None)
+
+
+def _backward_bias(engine, checked, grad_output):
+    return engine.conv2d.conv2d_backward_bias(grad_output)
+
+
+def _backward_bias_setup(ctx, inputs, output):
+    ctx.grad_shape = inputs[0].shape
+
+
+def _backward_bias_backward(ctx, grad_grad_bias):
+    # The bias gradient sums over (N, H, W); its gradient repeats over them.
+    return grad_grad_bias.view(1, -1, 1, 1).expand(ctx.grad_shape)
+
+
+define_op("conv2d_backward_bias(Tensor grad_output) -> Tensor",
+          _backward_bias_check, _backward_bias, "fastconv.conv2d.backward_bias",
+          _backward_bias_backward, _backward_bias_setup)
+
+# Autocast runs the forward ops in the autocast dtype, as torch.nn.functional.conv2d; the
+# gradient ops run in whatever dtype autograd hands them.
+autocast("conv2d")
+autocast("conv2d_backward_input")
+
+
+def _check_batched(t, op: str = "conv2d", name: str = "input") -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise ArgumentError(f"{op}: expected a 4-dim (N, C, H, W) {name}, got "
+                            f"{getattr(t, 'shape', t)}")
+
+
+def options(params) -> tuple:
+    """Conv2dParams as the operators' trailing arguments."""
+    return list(params.stride), list(params.padding), list(params.dilation), params.groups
+
+
+# ------------------------------------------------------------------------- functional API
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """2-D convolution (cross-correlation) with the semantics of ``torch.nn.functional.conv2d``.
@@ -65,12 +222,15 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     Returns:
         (N, C_out, Ho, Wo), or (C_out, Ho, Wo) for unbatched input, where
-        ``Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1``.
+        ``Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1``;
+        channels_last if input or weight is. Differentiable to any order.
     """
     # A malformed weight is reported by check_conv2d; (1, 1) only keeps 'same' computable.
     kernel_hw = tuple(weight.shape[-2:]) if getattr(weight, "ndim", 0) == 4 else (1, 1)
     params = conv2d_params(kernel_hw, stride, padding, dilation, groups)
-    check_conv2d(input, weight, bias, params)
+    if not (isinstance(input, torch.Tensor) and input.dim() == 4 and isinstance(weight, torch.Tensor)
+            and (bias is None or isinstance(bias, torch.Tensor))):
+        check_conv2d(input, weight, bias, params)  # errors name the caller's shapes and types
     if input.dim() == 3:
-        return Conv2dFunction.apply(input.unsqueeze(0), weight, bias, params).squeeze(0)
-    return Conv2dFunction.apply(input, weight, bias, params)
+        return ops.conv2d(input.unsqueeze(0), weight, bias, *options(params)).squeeze(0)
+    return ops.conv2d(input, weight, bias, *options(params))

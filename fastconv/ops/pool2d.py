@@ -1,70 +1,265 @@
-"""max_pool2d and avg_pool2d: autograd Functions over the engines, and the functional API."""
+"""max_pool2d and avg_pool2d: the ``fastconv::`` pooling operators and the functional API.
+
+Operators (``torch.ops.fastconv.<name>``), batched (N, C, H, W), options as pairs:
+
+* ``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices)
+  -> (output, indices)``: indices (int64 into H*W) are computed only ``with_indices``, else
+  an empty tensor is returned in their place;
+* ``max_pool2d_backward(grad_output, indices, input_size, ...)``: a scatter to the argmax;
+* ``max_pool2d_double_backward(grad_grad_input, indices, ...)``: its adjoint, a gather at the
+  argmax, which makes max pooling differentiable to any order;
+* ``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+  divisor_override)`` and ``avg_pool2d_backward(grad_output, input_size, ...)``, each the
+  other's adjoint.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._args import ArgumentError, Pool2dParams, check_pool2d, pool2d_params
+from .._args import (ArgumentError, DeviceError, DTypeError, check_dtype, check_layout,
+                     check_pool2d, pool2d_params)
 from .._profiling import op_range
-from ._engine import engine_for
+from . import _library
+from ._library import Checked, define, define_op, fake_output, in_format, output_format
+
+_MAX_OPTIONS = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
+_AVG_OPTIONS = ("int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+                "bool count_include_pad, int? divisor_override")
+ops = torch.ops.fastconv
 
 
-class MaxPool2dFunction(torch.autograd.Function):
-    """Batched max pooling; returns (output, indices). Saves only the indices."""
-
-    @staticmethod
-    def forward(input, params: Pool2dParams):
-        engine = engine_for(input, "max_pool2d").pool2d
-        with op_range("fastconv.max_pool2d.forward", input):
-            return engine.max_pool2d_forward(input, params)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, params = inputs
-        ctx.params = params
-        ctx.input_shape = tuple(input.shape)
-        indices = output[1]
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(indices if ctx.needs_input_grad[0] else None)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, _grad_indices):
-        (indices,) = ctx.saved_tensors
-        engine = engine_for(grad_out, "max_pool2d").pool2d
-        with op_range("fastconv.max_pool2d.backward", grad_out):
-            grad = engine.max_pool2d_backward(grad_out, indices, ctx.input_shape, ctx.params)
-        return grad, None
+def _check_batched(t, name: str, op: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise ArgumentError(f"{op}: expected a 4-dim (N, C, H, W) {name}, got "
+                            f"{getattr(t, 'shape', t)}")
 
 
-class AvgPool2dFunction(torch.autograd.Function):
-    """Batched average pooling. Backward needs only shapes and options: nothing is saved."""
-
-    @staticmethod
-    def forward(input, params: Pool2dParams, count_include_pad: bool, divisor_override):
-        engine = engine_for(input, "avg_pool2d").pool2d
-        with op_range("fastconv.avg_pool2d.forward", input):
-            return engine.avg_pool2d_forward(input, params, count_include_pad, divisor_override)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, params, count_include_pad, divisor_override = inputs
-        ctx.params = params
-        ctx.input_shape = tuple(input.shape)
-        ctx.options = (count_include_pad, divisor_override)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        engine = engine_for(grad_out, "avg_pool2d").pool2d
-        with op_range("fastconv.avg_pool2d.backward", grad_out):
-            grad = engine.avg_pool2d_backward(grad_out, ctx.input_shape, ctx.params, *ctx.options)
-        return grad, None, None, None
+def _check_divisor(divisor_override, op: str = "avg_pool2d") -> None:
+    if divisor_override is not None and (isinstance(divisor_override, bool)
+                                         or not isinstance(divisor_override, int)
+                                         or divisor_override == 0):
+        raise ArgumentError(f"{op}: divisor_override must be a non-zero int or None, "
+                            f"got {divisor_override!r}")
 
 
+def _check_indices(indices, grad, shape, op: str) -> None:
+    """``indices`` are int64 of ``shape`` on ``grad``'s device."""
+    if not isinstance(indices, torch.Tensor):
+        raise ArgumentError(f"{op}: indices must be a torch.Tensor, got "
+                            f"{type(indices).__name__}")
+    check_layout("indices", indices, op)
+    if indices.dtype != torch.int64:
+        raise DTypeError(f"{op}: indices must be int64 (as max_pool2d returns them), got "
+                         f"{indices.dtype}")
+    if indices.device != grad.device:
+        raise DeviceError(f"{op}: indices are on {indices.device} but the gradient is on "
+                          f"{grad.device}; both must be on the same device")
+    if tuple(indices.shape) != tuple(shape):
+        raise ArgumentError(f"{op}: expected indices of shape {tuple(shape)}, got "
+                            f"{tuple(indices.shape)}")
+
+
+def _check_grad_output(grad_output, input_size, params, op: str, integers: bool = False):
+    """grad_output (N, C, Ho, Wo) must be the pooling output of (N, C, *input_size)."""
+    _check_batched(grad_output, "grad_output", op)
+    check_layout("grad_output", grad_output, op)
+    check_dtype("grad_output", grad_output, op, integers=integers)
+    n, c = grad_output.shape[:2]
+    input_shape = (n, c, *input_size)
+    expected = (n, c, *params.output_hw(tuple(input_size)))
+    if tuple(grad_output.shape) != expected or min(expected[2:]) < 1:
+        raise ArgumentError(f"{op}: grad_output of shape {tuple(grad_output.shape)} is not the "
+                            f"output of pooling an input of size {tuple(input_size)}; expected "
+                            f"{expected}")
+    return input_shape
+
+
+# ------------------------------------------------------------------------------ max pooling
+def _max_params(kernel_size, stride, padding, dilation, ceil_mode, op="max_pool2d"):
+    return pool2d_params(kernel_size, stride, padding, dilation, ceil_mode, op=op)
+
+
+def _max_forward(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices):
+    params = _max_params(kernel_size, stride, padding, dilation, ceil_mode)
+    _check_batched(input, "input", "max_pool2d")
+    check_pool2d(input, params, "max_pool2d", integers=True)
+    engine = _library.engine_for(input, "max_pool2d").pool2d
+    fmt = output_format(input)
+    with op_range("fastconv.max_pool2d.forward", input):
+        y, idx = engine.max_pool2d_forward(input, params, with_indices=with_indices)
+    if idx is None:
+        return in_format(y, fmt), y.new_empty(0, dtype=torch.int64)
+    return in_format(y, fmt), in_format(idx, fmt)
+
+
+def _max_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices):
+    params = _max_params(kernel_size, stride, padding, dilation, ceil_mode)
+    _check_batched(input, "input", "max_pool2d")
+    shape = check_pool2d(input, params, "max_pool2d", integers=True)
+    fmt = output_format(input)
+    indices = fake_output(input, shape, fmt, torch.int64) if with_indices \
+        else input.new_empty(0, dtype=torch.int64)
+    return fake_output(input, shape, fmt), indices
+
+
+def _max_forward_setup(ctx, inputs, output):
+    input, *options, with_indices = inputs
+    ctx.options = options
+    ctx.input_size = input.shape[-2:]
+    ctx.with_indices = with_indices
+    ctx.save_for_backward(output[1] if ctx.needs_input_grad[0] else None)
+
+
+def _max_forward_backward(ctx, grad, _grad_indices):
+    if not ctx.with_indices:
+        raise RuntimeError("fastconv::max_pool2d: called with with_indices=False, but its "
+                           "gradient needs the indices")
+    (indices,) = ctx.saved_tensors
+    return (ops.max_pool2d_backward(grad, indices, ctx.input_size, *ctx.options),
+            None, None, None, None, None, None)
+
+
+define(f"max_pool2d(Tensor input, {_MAX_OPTIONS}, bool with_indices) -> (Tensor, Tensor)",
+       _max_forward, _max_forward_fake, _max_forward_backward, _max_forward_setup)
+
+
+def _max_backward_check(grad_output, indices, input_size, kernel_size, stride, padding,
+                        dilation, ceil_mode):
+    op = "max_pool2d_backward"
+    params = _max_params(kernel_size, stride, padding, dilation, ceil_mode, op)
+    input_shape = _check_grad_output(grad_output, input_size, params, op)
+    _check_indices(indices, grad_output, grad_output.shape, op)
+    return Checked(grad_output, input_shape, output_format(grad_output), params)
+
+
+def _max_backward(engine, checked, grad_output, indices, *_options):
+    return engine.pool2d.max_pool2d_backward(grad_output, indices, checked.shape,
+                                             checked.params)
+
+
+def _max_backward_setup(ctx, inputs, output):
+    _grad, indices, _size, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(indices)
+
+
+def _max_backward_backward(ctx, grad_grad_input):
+    (indices,) = ctx.saved_tensors
+    return (ops.max_pool2d_double_backward(grad_grad_input, indices, *ctx.options),
+            None, None, None, None, None, None, None)
+
+
+define_op(f"max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[2] input_size, "
+          f"{_MAX_OPTIONS}) -> Tensor",
+          _max_backward_check, _max_backward, "fastconv.max_pool2d.backward",
+          _max_backward_backward, _max_backward_setup)
+
+
+def _max_double_check(grad_grad_input, indices, kernel_size, stride, padding, dilation,
+                      ceil_mode):
+    op = "max_pool2d_double_backward"
+    params = _max_params(kernel_size, stride, padding, dilation, ceil_mode, op)
+    _check_batched(grad_grad_input, "grad_grad_input", op)
+    shape = check_pool2d(grad_grad_input, params, op)
+    _check_indices(indices, grad_grad_input, shape, op)
+    return Checked(grad_grad_input, shape, output_format(grad_grad_input), params)
+
+
+def _max_double(engine, checked, grad_grad_input, indices, *_options):
+    return engine.pool2d.max_pool2d_double_backward(grad_grad_input, indices, checked.params)
+
+
+def _max_double_setup(ctx, inputs, output):
+    grad_grad_input, indices, *options = inputs
+    ctx.options = options
+    ctx.input_size = grad_grad_input.shape[-2:]
+    ctx.save_for_backward(indices)
+
+
+def _max_double_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return (ops.max_pool2d_backward(grad, indices, ctx.input_size, *ctx.options),
+            None, None, None, None, None, None)
+
+
+define_op(f"max_pool2d_double_backward(Tensor grad_grad_input, Tensor indices, "
+          f"{_MAX_OPTIONS}) -> Tensor",
+          _max_double_check, _max_double, "fastconv.max_pool2d.double_backward",
+          _max_double_backward, _max_double_setup)
+
+
+# -------------------------------------------------------------------------- average pooling
+def _avg_params(kernel_size, stride, padding, ceil_mode, divisor_override, op="avg_pool2d"):
+    _check_divisor(divisor_override, op)
+    return pool2d_params(kernel_size, stride, padding, 1, ceil_mode, op=op)
+
+
+def _avg_forward_check(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override):
+    params = _avg_params(kernel_size, stride, padding, ceil_mode, divisor_override)
+    _check_batched(input, "input", "avg_pool2d")
+    shape = check_pool2d(input, params, "avg_pool2d")
+    return Checked(input, shape, output_format(input), params)
+
+
+def _avg_forward(engine, checked, input, _kernel, _stride, _padding, _ceil, count_include_pad,
+                 divisor_override):
+    return engine.pool2d.avg_pool2d_forward(input, checked.params, count_include_pad,
+                                            divisor_override)
+
+
+def _avg_forward_setup(ctx, inputs, output):
+    input, *options = inputs
+    ctx.options = options
+    ctx.input_size = input.shape[-2:]
+
+
+def _avg_forward_backward(ctx, grad):
+    return (ops.avg_pool2d_backward(grad, ctx.input_size, *ctx.options),
+            None, None, None, None, None, None)
+
+
+define_op(f"avg_pool2d(Tensor input, {_AVG_OPTIONS}) -> Tensor",
+          _avg_forward_check, _avg_forward, "fastconv.avg_pool2d.forward",
+          _avg_forward_backward, _avg_forward_setup)
+
+
+def _avg_backward_check(grad_output, input_size, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override):
+    op = "avg_pool2d_backward"
+    params = _avg_params(kernel_size, stride, padding, ceil_mode, divisor_override, op)
+    input_shape = _check_grad_output(grad_output, input_size, params, op)
+    return Checked(grad_output, input_shape, output_format(grad_output), params)
+
+
+def _avg_backward(engine, checked, grad_output, _size, _kernel, _stride, _padding, _ceil,
+                  count_include_pad, divisor_override):
+    return engine.pool2d.avg_pool2d_backward(grad_output, checked.shape, checked.params,
+                                             count_include_pad, divisor_override)
+
+
+def _avg_backward_setup(ctx, inputs, output):
+    _grad, _size, *options = inputs
+    ctx.options = options
+
+
+def _avg_backward_backward(ctx, grad_grad_input):
+    # Average pooling is linear, and its backward is its exact adjoint: the gradient of the
+    # backward is the forward.
+    return (ops.avg_pool2d(grad_grad_input, *ctx.options),
+            None, None, None, None, None, None, None)
+
+
+define_op(f"avg_pool2d_backward(Tensor grad_output, SymInt[2] input_size, {_AVG_OPTIONS}) "
+          f"-> Tensor",
+          _avg_backward_check, _avg_backward, "fastconv.avg_pool2d.backward",
+          _avg_backward_backward, _avg_backward_setup)
+
+
+# ------------------------------------------------------------------------- functional API
 def _batched(fn, input, *args):
-    """Run a batched Function on (N, C, H, W) or unbatched (C, H, W) input."""
+    """Run a batched op on (N, C, H, W) or unbatched (C, H, W) input."""
     if input.dim() == 4:
         return fn(input, *args)
     out = fn(input.unsqueeze(0), *args)
@@ -76,26 +271,25 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     """2-D max pooling with the semantics of ``torch.nn.functional.max_pool2d``.
 
     Args:
-        input: (N, C, H, W) or unbatched (C, H, W); float32/float64, or an integer dtype.
+        input: (N, C, H, W) or unbatched (C, H, W); a floating dtype, or an integer dtype
+            on the CPU.
         kernel_size, stride (default: kernel_size), padding, dilation: int or (h, w) pairs.
-            Padding (implicit -inf) may be at most half of ``dilation*(kernel_size-1)+1``.
+            Padding (implicit -inf) may be at most half of ``kernel_size``.
         ceil_mode: round the output size up; the last window must start inside the input
             or the left/top padding.
         return_indices: also return the argmax of each window as an int64 index into the
             flattened H*W plane, as ``torch.nn.functional.max_unpool2d`` expects.
 
     NaN propagates: a window holding NaN outputs NaN (its index is the last NaN's).
-    Returns (N, C, Ho, Wo), or ``(output, indices)``.
+    Returns (N, C, Ho, Wo), or ``(output, indices)``; channels_last if input is.
     """
     params = pool2d_params(kernel_size, stride, padding, dilation, ceil_mode, op="max_pool2d")
     check_pool2d(input, params, "max_pool2d", integers=True)
-    if not return_indices and not (input.requires_grad and torch.is_grad_enabled()):
-        # Inference: no autograd node, and no indices to write.
-        engine = engine_for(input, "max_pool2d").pool2d
-        with op_range("fastconv.max_pool2d.forward", input):
-            return _batched(lambda x: engine.max_pool2d_forward(x, params, with_indices=False)[0],
-                            input)
-    output, indices = _batched(MaxPool2dFunction.apply, input, params)
+    # Without a gradient to compute or indices to return, the indices are never written.
+    with_indices = return_indices or (input.requires_grad and torch.is_grad_enabled())
+    output, indices = _batched(ops.max_pool2d, input, list(params.kernel), list(params.stride),
+                               list(params.padding), list(params.dilation), params.ceil_mode,
+                               with_indices)
     return (output, indices) if return_indices else output
 
 
@@ -104,7 +298,7 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     """2-D average pooling with the semantics of ``torch.nn.functional.avg_pool2d``.
 
     Args:
-        input: (N, C, H, W) or unbatched (C, H, W); float32 or float64.
+        input: (N, C, H, W) or unbatched (C, H, W); a floating dtype.
         kernel_size, stride (default: kernel_size), padding: int or (h, w) pairs; padding is
             zeros, at most half the kernel size.
         ceil_mode: round the output size up (see ``max_pool2d``).
@@ -112,14 +306,12 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
             ceil-mode window beyond the padding); if False, by the number of input elements.
         divisor_override: divide every window by this instead.
 
-    Returns (N, C, Ho, Wo) or (C, Ho, Wo).
+    Returns (N, C, Ho, Wo) or (C, Ho, Wo); channels_last if input is.
     """
     params = pool2d_params(kernel_size, stride, padding, 1, ceil_mode, op="avg_pool2d")
-    if divisor_override is not None and (isinstance(divisor_override, bool)
-                                         or not isinstance(divisor_override, int)
-                                         or divisor_override == 0):
-        raise ArgumentError(f"avg_pool2d: divisor_override must be a non-zero int or None, "
-                            f"got {divisor_override!r}")
+    _check_divisor(divisor_override)
     check_pool2d(input, params, "avg_pool2d")
-    return _batched(AvgPool2dFunction.apply, input, params, bool(count_include_pad),
+    return _batched(ops.avg_pool2d, input, list(params.kernel), list(params.stride),
+                    list(params.padding), params.ceil_mode, bool(count_include_pad),
                     divisor_override)
+
