@@ -179,12 +179,16 @@ def check_layout(name: str, tensor: torch.Tensor, op: str) -> None:
                                   f"{name} has layout {layout}. Convert it with .to_dense()")
 
 
-def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, other: torch.Tensor) -> None:
-    """``other`` must share ``ref``'s device and dtype."""
+def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, other: torch.Tensor,
+               autocast: bool = False) -> None:
+    """``other`` must share ``ref``'s device and dtype. With ``autocast``, dtypes may differ
+    while autocast is on for the device: the operator casts them to its dtype first."""
     if other.device != ref.device:
         raise DeviceError(f"{op}: {name} is on {other.device} but {ref_name} is on {ref.device}; "
                           f"both must be on the same device")
-    if other.dtype != ref.dtype:
+    if other.dtype != ref.dtype and not (autocast and ref.is_floating_point()
+                                         and other.is_floating_point()
+                                         and torch.is_autocast_enabled(ref.device.type)):
         raise DTypeError(f"{op}: {name} has dtype {other.dtype} but {ref_name} has dtype "
                          f"{ref.dtype}; both must have the same dtype")
 
@@ -216,11 +220,11 @@ def check_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     check_layout("input", input, op)
     check_layout("weight", weight, op)
     check_dtype("input", input, op)
-    check_same(op, "input", input, "weight", weight)
+    check_same(op, "input", input, "weight", weight, autocast=True)
     c_out = weight.shape[0]
     if bias is not None:
         check_layout("bias", bias, op)
-        check_same(op, "input", input, "bias", bias)
+        check_same(op, "input", input, "bias", bias, autocast=True)
         if tuple(bias.shape) != (c_out,):
             raise ArgumentError(f"{op}: expected bias of shape ({c_out},) to match "
                                 f"weight.shape[0], got {tuple(bias.shape)}")
@@ -321,7 +325,7 @@ def check_conv_transpose2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
         if t is not None:
             check_layout(name, t, op)
     check_dtype("input", input, op)
-    check_same(op, "input", input, "weight", weight)
+    check_same(op, "input", input, "weight", weight, autocast=True)
     c_in, h, w = input.shape[-3:]
     w_in, cout_g, kh, kw = weight.shape
     conv = params.conv
@@ -336,7 +340,7 @@ def check_conv_transpose2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
                             f"{tuple(weight.shape)} expects {w_in} (weight.shape[0])")
     c_out = cout_g * g
     if bias is not None:
-        check_same(op, "input", input, "bias", bias)
+        check_same(op, "input", input, "bias", bias, autocast=True)
         if tuple(bias.shape) != (c_out,):
             raise ArgumentError(f"{op}: expected bias of shape ({c_out},) = (weight.shape[1] * "
                                 f"groups,), got {tuple(bias.shape)}")

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from cuda_emulator import EmulatorBackend, KernelFault
 from helpers import assert_matches_torch
 from hypothesis import given, settings
+from torch.autograd import gradgradcheck
 from test_conv2d import conv_cases
+from test_conv_transpose2d import transpose_cases
 from test_pool2d import pool_cases
 
 import fastconv
@@ -143,6 +145,32 @@ def test_conv2d_module_trains_on_the_cuda_engine(emulator):
                 opt.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=12)
+@given(case=transpose_cases(max_size=5))
+def test_conv_transpose2d_matches_torch(emulator, case):
+    x, weight, bias, opts = case
+    with cuda_engine_on_cpu(emulator):
+        assert_matches_torch(fastconv.conv_transpose2d, F.conv_transpose2d,
+                             _on(torch.float32, x, weight, bias), opts, k=2)
+
+
+def test_double_backward_on_the_cuda_engine(emulator):
+    """Second derivatives run on CUDA kernels too (max pooling's on its own gather kernel)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    px = torch.randperm(40, generator=gen).reshape(1, 2, 5, 4).double().requires_grad_()
+    start = len(emulator.launches)
+    with cuda_engine_on_cpu(emulator):
+        assert gradgradcheck(lambda x, w: fastconv.conv2d(x, w, stride=(2, 1), padding=1),
+                             (x, w))
+        assert gradgradcheck(lambda x, w: fastconv.conv_transpose2d(x, w, stride=2,
+                                                                    output_padding=1), (x, w))
+        assert gradgradcheck(lambda x: fastconv.max_pool2d(x, 3, 2, 1, ceil_mode=True), (px,))
+        assert gradgradcheck(lambda x: fastconv.avg_pool2d(x, 2, 1, 1), (x,))
+    assert "max_pool2d_double_backward<double" in " ".join(emulator.launches[start:])
 
 
 # ---- pooling -----------------------------------------------------------------------------

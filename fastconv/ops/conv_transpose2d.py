@@ -38,5 +38,6 @@ def conv_transpose2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     out = ops.conv2d_backward_input(batched, weight, list(shape[-2:]), *options(params.conv))
     if bias is not None:
-        out = out + bias.view(-1, 1, 1)
+        # .to: under autocast the operator ran in the autocast dtype, and so does the bias.
+        out = out + bias.to(out.dtype).view(-1, 1, 1)
     return out if input.dim() == 4 else out.squeeze(0)
