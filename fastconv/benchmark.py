@@ -532,11 +532,8 @@ def compare_table(changes: list[dict], threshold: float):
 
 def plot(report: dict, path) -> Path:
     """A PNG bar chart of the speed-ups (log scale, a line at 1x)."""
-    try:
-        import matplotlib
-    except ImportError as exc:  # an optional dependency: say how to get it
-        raise ImportError("fastconv bench --plot needs matplotlib: pip install 'fastconv[plot]'"
-                          ) from exc
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker

@@ -156,14 +156,14 @@ def _pytest_bench(*args, tmp_path):
 def test_pytest_benchmark_files_run_with_benchmarks_disabled(tmp_path):
     result = _pytest_bench("--benchmark-disable", tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    # 3 smoke shapes x 2 passes x 2 impls, the demo image x 3, the two ceilings
-    assert "17 passed" in result.stdout, result.stdout[-1000:]
+    # 3 smoke shapes x 2 passes x 2 impls, the demo image x 3, the two ceilings, the 5 call paths
+    assert "22 passed" in result.stdout, result.stdout[-1000:]
 
 
 def test_pytest_benchmark_json_feeds_the_report(tmp_path):
     out = tmp_path / "pb.json"
     result = _pytest_bench("--benchmark-only", f"--benchmark-json={out}", "-k",
-                           "not demo_image", tmp_path=tmp_path)
+                           "not demo_image and not call_overhead", tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
     infos = [b["extra_info"] for b in data["benchmarks"]]

@@ -16,12 +16,17 @@ def test_learn_edge_kernel_converges():
     assert all(b < a for a, b in zip(losses, losses[1:]))  # plain GD on a convex loss
 
 
-def test_demo_runs(capsys):
-    assert cli.main(["demo", "--size", "48", "--repeat", "3"]) == 0
+def test_demo_runs(capsys, tmp_path):
+    png = tmp_path / "digits.png"
+    assert cli.main(["demo", "--size", "48", "--repeat", "3", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     for text in ["Edge detection", "Learning the kernel", "within 1e-2", "seed loop corr2d",
-                 "fastconv.conv2d", "torch F.conv2d", "fastconv matches the seed loop"]:
+                 "fastconv.conv2d", "torch F.conv2d", "fastconv matches the seed loop",
+                 "handwritten digits", "fastconv LeNet test accuracy", "(>= 95%)",
+                 "per-epoch training time", "ResNet-18", "21 layers now compute with fastconv",
+                 "(matches)"]:
         assert text in out, text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_info_reports_engines(capsys):
