@@ -58,7 +58,9 @@ def smoke() -> int:
                 b = torch.randn(ws[0], generator=gen).to("cuda", dtype).requires_grad_()
                 fastconv.conv2d(x, w, b, **opts).sum().backward()
             x = torch.randn(2, 3, 13, 12, generator=gen).to("cuda", dtype).requires_grad_()
-            fastconv.max_pool2d(x, 3, 2, 1, dilation=(1, 2), ceil_mode=True).sum().backward()
+            y = fastconv.max_pool2d(x, 3, 2, 1, dilation=(1, 2), ceil_mode=True)
+            (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            gx.sum().backward()  # double backward: max_pool2d_double_backward
             fastconv.max_pool2d(x.detach(), 2)
             fastconv.avg_pool2d(x, 3, 2, 1, count_include_pad=False).sum().backward()
     torch.cuda.synchronize()

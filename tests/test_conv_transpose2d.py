@@ -48,6 +48,19 @@ def test_matches_torch(device, dtype, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_1x1_with_output_padding(device):
+    """1x1, stride 1, no padding is conv2d's plain-GEMM path, but output_padding (allowed by a
+    dilation of 2) makes the output a column wider than the input: it must not take it."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(3, 2, 1, 1, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    opts = dict(output_padding=(1, 1), dilation=2)
+    assert_matches_torch(fastconv.conv_transpose2d, F.conv_transpose2d, [x, w], opts)
+    assert torch.autograd.gradgradcheck(lambda x, w: fastconv.conv_transpose2d(x, w, **opts),
+                                        (x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()

@@ -168,6 +168,9 @@ def test_double_backward_on_the_cuda_engine(emulator):
                              (x, w))
         assert gradgradcheck(lambda x, w: fastconv.conv_transpose2d(x, w, stride=2,
                                                                     output_padding=1), (x, w))
+        # 1x1 with output_padding: not the plain-GEMM path (the output outgrows the input).
+        assert gradgradcheck(lambda x, w: fastconv.conv_transpose2d(
+            x, w[:, :, :1, :1], output_padding=1, dilation=2), (x, w))
         assert gradgradcheck(lambda x: fastconv.max_pool2d(x, 3, 2, 1, ceil_mode=True), (px,))
         assert gradgradcheck(lambda x: fastconv.avg_pool2d(x, 2, 1, 1), (x,))
     assert "max_pool2d_double_backward<double" in " ".join(emulator.launches[start:])

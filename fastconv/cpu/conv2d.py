@@ -200,9 +200,12 @@ def _geometry(params: Conv2dParams, kernel_hw, out_hw):
             params.dilation[0], params.dilation[1], out_hw[0], out_hw[1])
 
 
-def _is_direct(params: Conv2dParams, kernel_hw) -> bool:
-    """1x1, stride 1, no padding: the input is its own im2col matrix."""
-    return tuple(kernel_hw) == (1, 1) and params.stride == (1, 1) and not any(params.padding)
+def _is_direct(params: Conv2dParams, kernel_hw, in_hw, out_hw) -> bool:
+    """1x1, stride 1, no padding, and the output as large as the input: the input is its own
+    im2col matrix. (conv_transpose2d's output_padding can make the input of its gradient
+    passes a row or column larger than the output; those take the im2col path.)"""
+    return tuple(kernel_hw) == (1, 1) and params.stride == (1, 1) and \
+        not any(params.padding) and tuple(in_hw) == tuple(out_hw)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -225,7 +228,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     with parallel_region(n * g):
         _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
                  y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
-                 _is_direct(params, (kh, kw)), *_geometry(params, (kh, kw), (ho, wo)))
+                 _is_direct(params, (kh, kw), (h, w), (ho, wo)),
+                 *_geometry(params, (kh, kw), (ho, wo)))
     return y
 
 
@@ -243,7 +247,8 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     with parallel_region(n * g):
         _backward_input(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
                         _np(weight).reshape(g, c_out // g, -1),
-                        gx.numpy().reshape(n, g, cin_g, h, w), _is_direct(params, (kh, kw)),
+                        gx.numpy().reshape(n, g, cin_g, h, w),
+                        _is_direct(params, (kh, kw), (h, w), (ho, wo)),
                         *_geometry(params, (kh, kw), (ho, wo)))
     return gx
 
@@ -265,7 +270,8 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw3.dtype)
     with parallel_region(chunks * g):
         _backward_weight(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
-                         _np(x).reshape(n, g, cin_g, h, w), part, _is_direct(params, (kh, kw)),
+                         _np(x).reshape(n, g, cin_g, h, w), part,
+                         _is_direct(params, (kh, kw), (h, w), (ho, wo)),
                          *_geometry(params, (kh, kw), (ho, wo)))
     if chunks > 1:
         with parallel_region(g):

@@ -82,9 +82,11 @@ def _is_depthwise(weight_shape) -> bool:
     return weight_shape[1] == 1
 
 
-def _is_pointwise(params: Conv2dParams, weight_shape) -> bool:
+def _is_pointwise(params: Conv2dParams, weight_shape, in_hw, out_hw) -> bool:
+    """1x1, stride 1, no padding and output as large as input: a plain GEMM. (conv_transpose2d's
+    output_padding can make a gradient pass's input a row or column larger than its output.)"""
     return (tuple(weight_shape[2:]) == (1, 1) and params.stride == (1, 1)
-            and params.padding == (0, 0, 0, 0))
+            and params.padding == (0, 0, 0, 0) and tuple(in_hw) == tuple(out_hw))
 
 
 def _pick_tile(like: torch.Tensor, m: int, n: int):
@@ -137,7 +139,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     geom = _geometry(x.shape, weight.shape, params, (ho, wo))
     if _is_depthwise(weight.shape):
         return _depthwise("conv2d_forward_depthwise", y, (x, weight, bias, y, geom))
-    _launch_gemm("conv2d_forward_implicit_gemm", x, (_is_pointwise(params, weight.shape),),
+    _launch_gemm("conv2d_forward_implicit_gemm", x,
+                 (_is_pointwise(params, weight.shape, (h, w), (ho, wo)),),
                  c_out // params.groups, n * ho * wo, params.groups, (x, weight, bias, y), geom)
     return y
 
@@ -151,7 +154,8 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     geom = _geometry(input_shape, weight.shape, params, grad_out.shape[2:])
     if _is_depthwise(weight.shape):
         return _depthwise("conv2d_backward_input_depthwise", gx, (grad_out, weight, gx, geom))
-    _launch_gemm("conv2d_backward_input_implicit_gemm", gx, (_is_pointwise(params, weight.shape),),
+    _launch_gemm("conv2d_backward_input_implicit_gemm", gx,
+                 (_is_pointwise(params, weight.shape, (h, w), tuple(grad_out.shape[2:])),),
                  c_in // params.groups, n * h * w, params.groups, (grad_out, weight, gx), geom)
     return gx
 
