@@ -28,7 +28,8 @@ class DTypeError(TypeError, RuntimeError):
 
 
 class DeviceError(ValueError, RuntimeError):
-    """Tensors are on different devices, or on a device no engine serves."""
+    """Tensors are on different devices. (A device no engine serves raises
+    NotImplementedError.)"""
 
 
 def _is_int(value) -> bool:

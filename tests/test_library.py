@@ -218,3 +218,27 @@ def test_deterministic_algorithms_mode(device):
             assert torch.equal(a, b)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+# ---- what fastconv does not do: said clearly ----------------------------------------------
+def test_torch_func_transforms_are_refused_by_name():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(lambda x: fastconv.conv2d(x, w).sum())(torch.randn(2, 3, 8, 8))
+
+
+def test_vmap_without_gradients_computes_per_sample():
+    """vmap of an inference call runs the operator once per sample (PyTorch's fallback)."""
+    w, xs = torch.randn(4, 3, 3, 3), torch.randn(5, 2, 3, 8, 8)
+    got = torch.func.vmap(lambda x: fastconv.conv2d(x, w, padding=1))(xs)
+    torch.testing.assert_close(got, torch.stack([F.conv2d(x, w, padding=1) for x in xs]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_device_without_an_engine_is_not_implemented():
+    from types import SimpleNamespace
+
+    from fastconv.ops._engine import engine_for
+
+    with pytest.raises(NotImplementedError, match="'cpu' and 'cuda'.*xpu"):
+        engine_for(SimpleNamespace(device=torch.device("xpu")), "conv2d")

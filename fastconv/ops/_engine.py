@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .._args import DeviceError
-
 
 def engine_for(tensor: torch.Tensor, op: str):
     """The engine package (``fastconv.cpu`` or ``fastconv.cuda``) for ``tensor``'s device, or a
@@ -26,5 +24,5 @@ def engine_for(tensor: torch.Tensor, op: str):
                 f"{op}: fastconv's CUDA engine cannot run on {tensor.device}: {reason}. "
                 f"Move the tensors and module to the CPU (.cpu()) to use fastconv there.")
         return cuda
-    raise DeviceError(f"{op}: fastconv computes on 'cpu' and 'cuda' tensors; got a tensor on "
-                      f"{tensor.device}")
+    raise NotImplementedError(f"{op}: fastconv computes on 'cpu' and 'cuda' tensors; got a "
+                              f"tensor on {tensor.device}")

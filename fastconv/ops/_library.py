@@ -50,12 +50,14 @@ def _autograd_kernel(op, backward, setup_context):
 
     class Node(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *args):
+        def forward(*args):
             keyset = args[-1]
             with torch._C._AutoDispatchBelowAutograd():
-                out = op.redispatch(keyset & torch._C._after_autograd_keyset, *args[:-1])
-            setup_context(ctx, args[:-1], out)
-            return out
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args[:-1])
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # a separate method: torch.func needs it
+            setup_context(ctx, inputs[:-1], output)
 
         @staticmethod
         def backward(ctx, *grads):
@@ -66,6 +68,11 @@ def _autograd_kernel(op, backward, setup_context):
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if torch._C._functorch.maybe_current_level() is not None:
+                raise NotImplementedError(
+                    f"fastconv::{op._opname}: torch.func transforms (grad, vjp, jacrev, jvp, "
+                    f"or vmap of a function that records gradients) are not supported; use "
+                    f"torch.autograd.grad, which supports gradients of any order")
             return Node.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
