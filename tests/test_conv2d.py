@@ -203,6 +203,24 @@ def test_concurrent_threads_with_workqueue_layer():
     assert result.stdout.strip() == "workqueue"
 
 
+DEPTHWISE = [  # (input, weight, options): the direct kernels' paths and edges
+    ((2, 4, 9, 8), (8, 1, 3, 3), dict(padding=1, groups=4)),                 # multiplier 2
+    ((2, 3, 7, 9), (3, 1, 5, 3), dict(padding=(3, 0), dilation=(1, 2), groups=3)),
+    ((1, 2, 11, 10), (4, 1, 3, 2), dict(stride=(2, 3), padding=1, groups=2)),  # strided
+    ((3, 1, 12, 12), (6, 1, 5, 5), dict(padding=2)),                         # C_in == 1
+    ((2, 2, 5, 5), (2, 1, 2, 2), dict(padding=1, stride=3, groups=2)),       # skipped rows
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", DEPTHWISE, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_depthwise_paths(device, shapes):
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, torch.float64, x, w, b), opts)
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 def _x(*shape, dtype=torch.float32):

@@ -19,7 +19,8 @@ CONV_OPTIONS = [
     dict(),
     dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
     dict(padding="same", groups=2),
-    dict(stride=2, groups=4),  # depthwise
+    dict(stride=2, groups=4),  # depthwise, strided rows
+    dict(padding=(2, 3), dilation=2, groups=4),  # depthwise, stride 1: flat plane loops
 ]
 
 

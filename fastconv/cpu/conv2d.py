@@ -1,6 +1,8 @@
 """conv2d on the CPU: Numba kernels, forward and backward.
 
-Algorithm: per work item (image n, group g), chunks of whole output rows (~256 columns) are
+Algorithm: when each group has one input channel (depthwise, or any conv of a single-channel
+input), direct kernels on zero-padded planes (see "depthwise" below). Otherwise, per work
+item (image n, group g), chunks of whole output rows (~256 columns) are
 im2col-ed into a (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and
 multiplied by the (C_out/groups, K) weight with BLAS. A 1x1 kernel with stride 1 and no padding
 skips im2col: the input already is that matrix.
@@ -194,10 +196,213 @@ def _backward_bias(gy3, gb):
         gb[c] = acc
 
 
+# ---- depthwise: one input channel per group (C_in/groups == 1, C_out = mult * C_in) ------------
+# A GEMM of one input channel per group is a 1 x kH*kW matrix: BLAS calls too small to pay.
+# These kernels work on one zero-padded input plane at a time, held in L1: ``xp`` is the
+# (Hp, Wp) window of the padded input that the convolution reads, Hp = (Ho-1)*sH + (kH-1)*dH + 1
+# (likewise Wp), the input at offset (pt, pl). With stride 1, output (oh, ow) stored at
+# q = oh*Wp + ow ("wide" rows, Wp - Wo unused columns between them) reads tap (i, j) at
+# q + i*dH*Wp + j*dW: each tap is one flat, unit-stride, branch-free loop over the plane,
+# which vectorises. Other strides loop per output row.
+
+
+@njit(cache=True, nogil=True)
+def _pad_plane(x, xp, pt, pl):
+    """xp (Hp, Wp) = the window of x (H, W) zero-padded by (pt, pl) at the top left."""
+    h, w = x.shape
+    hp, wp = xp.shape
+    xp[:, :] = 0
+    for ih in range(max(0, -pt), min(h, hp - pt)):
+        lo, hi = max(0, -pl), min(w, wp - pl)
+        if hi > lo:
+            xp[ih + pt, lo + pl:hi + pl] = x[ih, lo:hi]
+
+
+@njit(cache=True, nogil=True)
+def _depthwise_dims(in4, out4, kh, kw, sh, sw, dh, dw):
+    """(N, C_in, C_out, Ho, Wo, mult, Hp, Wp) for an input-shaped and an output-shaped array;
+    (Hp, Wp) is the extent of the padded input that the output reads."""
+    n_img, c_in = in4.shape[0], in4.shape[1]
+    c_out, ho, wo = out4.shape[1], out4.shape[2], out4.shape[3]
+    return (n_img, c_in, c_out, ho, wo, c_out // c_in, (ho - 1) * sh + (kh - 1) * dh + 1,
+            (wo - 1) * sw + (kw - 1) * dw + 1)
+
+
+@njit(cache=True, nogil=True)
+def _to_wide(plane, wide, wp):
+    """Rows of ``plane`` (Ho, Wo) at stride Wp in ``wide``; the gaps are left as they are."""
+    ho, wo = plane.shape
+    for oh in range(ho):
+        wide[oh * wp:oh * wp + wo] = plane[oh]
+
+
+@njit(cache=True, nogil=True)
+def _add_taps(dst, flat, wk, kh, kw, dh, dw, wp, span):
+    """dst[q] += sum over taps (i, j) of wk[i, j] * flat[q + i*dH*Wp + j*dW], q < span.
+
+    Loops run over local slices (unit stride, no index arithmetic: they vectorise, ~4x the
+    speed of indexing ``flat[q + s]``), and a row of three taps (the common 3x3) is summed in
+    registers before ``dst`` is touched, a third of the loads and stores.
+    """
+    out = dst[:span]
+    for i in range(kh):
+        s = i * dh * wp
+        if kw == 3:
+            a, b, c = flat[s:s + span], flat[s + dw:s + dw + span], \
+                flat[s + 2 * dw:s + 2 * dw + span]
+            w0, w1, w2 = wk[i, 0], wk[i, 1], wk[i, 2]
+            for q in range(span):
+                out[q] += w0 * a[q] + w1 * b[q] + w2 * c[q]
+            continue
+        for j in range(kw):
+            src = flat[s + j * dw:s + j * dw + span]
+            wij = wk[i, j]
+            for q in range(span):
+                out[q] += wij * src[q]
+
+
+@njit(cache=True, nogil=True)
+def _depthwise_plane(xp, wk, y, bias, kh, kw, sh, sw, dh, dw, wide):
+    """y (Ho, Wo) = bias + the taps wk (kH, kW) over the padded plane xp."""
+    ho, wo = y.shape
+    wp = xp.shape[1]
+    flat = xp.ravel()
+    if sh == 1 and sw == 1:
+        span = (ho - 1) * wp + wo
+        wide[:span] = bias
+        _add_taps(wide, flat, wk, kh, kw, dh, dw, wp, span)
+        for oh in range(ho):
+            y[oh] = wide[oh * wp:oh * wp + wo]
+        return
+    for oh in range(ho):
+        row = y[oh]
+        row[:] = bias
+        for i in range(kh):
+            base = (oh * sh + i * dh) * wp
+            for j in range(kw):
+                wij = wk[i, j]
+                for ow in range(wo):
+                    row[ow] += wij * flat[base + ow * sw + j * dw]
+
+
+@njit(cache=True, parallel=True)
+def _depthwise_forward(x4, w3, b1, y4, kh, kw, sh, sw, pt, pl, dh, dw):
+    """x4 (N, C_in, H, W), w3 (C_out, kH, kW), b1 (C_out,) -> y4 (N, C_out, Ho, Wo).
+    One work item per input plane: padded once, used by its ``mult`` output channels."""
+    n_img, c_in, c_out, ho, wo, mult, hp, wp = _depthwise_dims(x4, y4, kh, kw, sh, sw, dh, dw)
+    for item in prange(n_img * c_in):
+        n, c = item // c_in, item % c_in
+        xp = np.empty((hp, wp), dtype=x4.dtype)
+        wide = np.empty(ho * wp, dtype=x4.dtype)
+        _pad_plane(x4[n, c], xp, pt, pl)
+        for m in range(mult):
+            co = c * mult + m
+            _depthwise_plane(xp, w3[co], y4[n, co], b1[co], kh, kw, sh, sw, dh, dw, wide)
+
+
+@njit(cache=True, parallel=True)
+def _depthwise_backward_input(gy4, w3, gx4, kh, kw, sh, sw, pt, pl, dh, dw):
+    """The adjoint of ``_depthwise_forward``: each tap scatters gy into the padded plane
+    (which only the item's thread owns), then the interior is cropped into gx4."""
+    n_img, c_in, c_out, ho, wo, mult, hp, wp = _depthwise_dims(gx4, gy4, kh, kw, sh, sw, dh,
+                                                               dw)
+    h, w = gx4.shape[2], gx4.shape[3]
+    for item in prange(n_img * c_in):
+        n, c = item // c_in, item % c_in
+        gxp = np.zeros(hp * wp, dtype=gx4.dtype)
+        wide = np.zeros(ho * wp, dtype=gx4.dtype)  # gaps between wide rows stay 0
+        span = (ho - 1) * wp + wo
+        for m in range(mult):
+            co = c * mult + m
+            gy, wk = gy4[n, co], w3[co]
+            if sh == 1 and sw == 1:
+                _to_wide(gy, wide, wp)
+                src = wide[:span]
+                for i in range(kh):
+                    for j in range(kw):
+                        s = i * dh * wp + j * dw
+                        dst = gxp[s:s + span]  # a local slice: the loop vectorises
+                        wij = wk[i, j]
+                        for q in range(span):
+                            dst[q] += wij * src[q]
+                continue
+            for oh in range(ho):
+                row = gy[oh]
+                for i in range(kh):
+                    base = (oh * sh + i * dh) * wp
+                    for j in range(kw):
+                        wij = wk[i, j]
+                        for ow in range(wo):
+                            gxp[base + ow * sw + j * dw] += wij * row[ow]
+        gx = gx4[n, c]
+        gx[:, :] = 0  # input rows/columns no window reaches get no gradient
+        plane = gxp.reshape(hp, wp)
+        for ih in range(max(0, -pt), min(h, hp - pt)):
+            lo, hi = max(0, -pl), min(w, wp - pl)
+            if hi > lo:
+                gx[ih, lo:hi] = plane[ih + pt, lo + pl:hi + pl]
+
+
+# Reassociation (and FMA contraction) only, so LLVM may split these sums into vector lanes;
+# no NaN/Inf assumptions. The lane order is fixed at compile time: same machine, same bits.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _tap_dots(src, flat, acc, kh, kw, dh, dw, wp, span):
+    """acc[i, j] += sum_q src[q] * flat[q + i*dH*Wp + j*dW] (float32 lanes per call, a
+    float64 total across calls)."""
+    for i in range(kh):
+        s = i * dh * wp
+        for j in range(kw):
+            shifted = flat[s + j * dw:s + j * dw + span]
+            t = src[0] * 0  # the operands' dtype
+            for q in range(span):
+                t += src[q] * shifted[q]
+            acc[i, j] += t
+
+
+@njit(cache=True, parallel=True)
+def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
+    """gw3 (C_out, kH, kW): per output channel, over the batch in order, each tap's sum of
+    gy times the shifted padded input, accumulated in float64. One work item per output
+    channel, so the result does not depend on the thread count."""
+    n_img, c_in, c_out, ho, wo, mult, hp, wp = _depthwise_dims(x4, gy4, kh, kw, sh, sw, dh, dw)
+    span = (ho - 1) * wp + wo
+    for co in prange(c_out):
+        c = co // mult
+        xp = np.empty((hp, wp), dtype=x4.dtype)
+        wide = np.zeros(ho * wp, dtype=x4.dtype)
+        acc = np.zeros((kh, kw), dtype=np.float64)
+        flat = xp.ravel()
+        for n in range(n_img):
+            _pad_plane(x4[n, c], xp, pt, pl)
+            gy = gy4[n, co]
+            if sh == 1 and sw == 1:
+                _to_wide(gy, wide, wp)
+                _tap_dots(wide[:span], flat, acc, kh, kw, dh, dw, wp, span)
+                continue
+            for oh in range(ho):
+                row = gy[oh]
+                for i in range(kh):
+                    base = (oh * sh + i * dh) * wp
+                    for j in range(kw):
+                        t = 0.0
+                        for ow in range(wo):
+                            t += row[ow] * flat[base + ow * sw + j * dw]
+                        acc[i, j] += t
+        for i in range(kh):
+            for j in range(kw):
+                gw3[co, i, j] = acc[i, j]
+
+
 def _geometry(params: Conv2dParams, kernel_hw, out_hw):
     top, _, left, _ = params.padding
     return (kernel_hw[0], kernel_hw[1], params.stride[0], params.stride[1], top, left,
             params.dilation[0], params.dilation[1], out_hw[0], out_hw[1])
+
+
+def _depthwise_geometry(params: Conv2dParams, kernel_hw):
+    top, _, left, _ = params.padding
+    return (kernel_hw[0], kernel_hw[1], params.stride[0], params.stride[1], top, left,
+            params.dilation[0], params.dilation[1])
 
 
 def _is_direct(params: Conv2dParams, kernel_hw, in_hw, out_hw) -> bool:
@@ -224,7 +429,13 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if y.numel() == 0:
         return y
     xn = _np(x)
-    b2 = (_np(bias) if bias is not None else np.zeros(c_out, dtype=xn.dtype)).reshape(g, -1)
+    b1 = _np(bias) if bias is not None else np.zeros(c_out, dtype=xn.dtype)
+    if cin_g == 1:
+        with parallel_region(n * c_in):
+            _depthwise_forward(xn, _np(weight).reshape(c_out, kh, kw), b1, y.numpy(),
+                               *_depthwise_geometry(params, (kh, kw)))
+        return y
+    b2 = b1.reshape(g, -1)
     with parallel_region(n * g):
         _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
                  y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
@@ -243,6 +454,11 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     _, _, ho, wo = grad_out.shape
     gx = _runtime.empty((n, c_in, h, w), grad_out.dtype)
     if gx.numel() == 0:
+        return gx
+    if cin_g == 1:
+        with parallel_region(n * c_in):
+            _depthwise_backward_input(_np(grad_out), _np(weight).reshape(c_out, kh, kw),
+                                      gx.numpy(), *_depthwise_geometry(params, (kh, kw)))
         return gx
     with parallel_region(n * g):
         _backward_input(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
@@ -264,6 +480,11 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     gw = _runtime.empty(tuple(weight_shape), x.dtype)
     if n == 0:
         return gw.zero_()
+    if cin_g == 1:
+        with parallel_region(c_out):
+            _depthwise_backward_weight(_np(grad_out), _np(x), gw.numpy().reshape(c_out, kh, kw),
+                                       *_depthwise_geometry(params, (kh, kw)))
+        return gw
     gw3 = gw.numpy().reshape(g, c_out // g, -1)
     # Enough chunks to keep every thread busy; fixed for a given thread count.
     chunks = min(n, -(-engine_threads() // g))
