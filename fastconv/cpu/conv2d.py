@@ -206,16 +206,28 @@ def _backward_bias(gy3, gb):
 # which vectorises. Other strides loop per output row.
 
 
+# Plane copies are written as element loops: a slice assignment per 28-element row costs more
+# in Numba's generic copy setup than the copy (measured: 0.9 ms of 1.5 per 2048 planes).
 @njit(cache=True, nogil=True)
 def _pad_plane(x, xp, pt, pl):
     """xp (Hp, Wp) = the window of x (H, W) zero-padded by (pt, pl) at the top left."""
     h, w = x.shape
     hp, wp = xp.shape
-    xp[:, :] = 0
-    for ih in range(max(0, -pt), min(h, hp - pt)):
-        lo, hi = max(0, -pl), min(w, wp - pl)
-        if hi > lo:
-            xp[ih + pt, lo + pl:hi + pl] = x[ih, lo:hi]
+    r1, c1 = min(h, hp - pt), min(w, wp - pl)
+    for r in range(hp):
+        row = xp[r]
+        ih = r - pt
+        if ih < 0 or ih >= r1:
+            for q in range(wp):
+                row[q] = 0
+            continue
+        src = x[ih]
+        for q in range(pl):
+            row[q] = 0
+        for iw in range(max(c1, 0)):
+            row[iw + pl] = src[iw]
+        for q in range(max(c1, 0) + pl, wp):
+            row[q] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -229,11 +241,35 @@ def _depthwise_dims(in4, out4, kh, kw, sh, sw, dh, dw):
 
 
 @njit(cache=True, nogil=True)
+def _crop_plane(xp, x, pt, pl):
+    """The adjoint of ``_pad_plane``: x (H, W) = xp at offset (pt, pl); input rows and columns
+    beyond the window (no output reads them) get 0."""
+    h, w = x.shape
+    hp, wp = xp.shape
+    for ih in range(h):
+        row = x[ih]
+        r = ih + pt
+        if r >= hp:
+            for iw in range(w):
+                row[iw] = 0
+            continue
+        src = xp[r]
+        c1 = max(0, min(w, wp - pl))
+        for iw in range(c1):
+            row[iw] = src[iw + pl]
+        for iw in range(c1, w):
+            row[iw] = 0
+
+
+@njit(cache=True, nogil=True)
 def _to_wide(plane, wide, wp):
     """Rows of ``plane`` (Ho, Wo) at stride Wp in ``wide``; the gaps are left as they are."""
     ho, wo = plane.shape
     for oh in range(ho):
-        wide[oh * wp:oh * wp + wo] = plane[oh]
+        src = plane[oh]
+        base = oh * wp
+        for ow in range(wo):
+            wide[base + ow] = src[ow]
 
 
 @njit(cache=True, nogil=True)
@@ -269,10 +305,14 @@ def _depthwise_plane(xp, wk, y, bias, kh, kw, sh, sw, dh, dw, wide):
     flat = xp.ravel()
     if sh == 1 and sw == 1:
         span = (ho - 1) * wp + wo
-        wide[:span] = bias
+        for q in range(span):
+            wide[q] = bias
         _add_taps(wide, flat, wk, kh, kw, dh, dw, wp, span)
         for oh in range(ho):
-            y[oh] = wide[oh * wp:oh * wp + wo]
+            row = y[oh]
+            base = oh * wp
+            for ow in range(wo):
+                row[ow] = wide[base + ow]
         return
     for oh in range(ho):
         row = y[oh]
@@ -306,7 +346,6 @@ def _depthwise_backward_input(gy4, w3, gx4, kh, kw, sh, sw, pt, pl, dh, dw):
     (which only the item's thread owns), then the interior is cropped into gx4."""
     n_img, c_in, c_out, ho, wo, mult, hp, wp = _depthwise_dims(gx4, gy4, kh, kw, sh, sw, dh,
                                                                dw)
-    h, w = gx4.shape[2], gx4.shape[3]
     for item in prange(n_img * c_in):
         n, c = item // c_in, item % c_in
         gxp = np.zeros(hp * wp, dtype=gx4.dtype)
@@ -334,13 +373,7 @@ def _depthwise_backward_input(gy4, w3, gx4, kh, kw, sh, sw, pt, pl, dh, dw):
                         wij = wk[i, j]
                         for ow in range(wo):
                             gxp[base + ow * sw + j * dw] += wij * row[ow]
-        gx = gx4[n, c]
-        gx[:, :] = 0  # input rows/columns no window reaches get no gradient
-        plane = gxp.reshape(hp, wp)
-        for ih in range(max(0, -pt), min(h, hp - pt)):
-            lo, hi = max(0, -pl), min(w, wp - pl)
-            if hi > lo:
-                gx[ih, lo:hi] = plane[ih + pt, lo + pl:hi + pl]
+        _crop_plane(gxp.reshape(hp, wp), gx4[n, c], pt, pl)
 
 
 # Reassociation (and FMA contraction) only, so LLVM may split these sums into vector lanes;
