@@ -221,6 +221,37 @@ def test_depthwise_paths(device, shapes):
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, torch.float64, x, w, b), opts)
 
 
+WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine runs as Winograd
+    ((2, 8, 9, 7), (8, 8, 3, 3), dict(padding=1)),        # odd output: partial last tiles
+    ((1, 16, 6, 11), (12, 16, 3, 3), {}),                  # no padding
+    ((3, 9, 5, 5), (10, 9, 3, 3), dict(padding=(2, 3))),   # padding beyond the kernel
+    ((1, 8, 3, 4), (8, 8, 3, 3), dict(padding="same")),    # smaller than a tile row
+    ((2, 32, 14, 14), (24, 32, 3, 3), dict(padding=1)),    # several tile rows per item
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_winograd_layers(dtype, shapes):
+    """Forward and the input gradient go through Winograd F(2x2, 3x3) on the CPU; within the
+    same tolerance as every other path (a few PyTorch-sized errors)."""
+    from fastconv._args import conv2d_params
+    from fastconv.cpu.conv2d import _is_winograd
+
+    xs, ws, opts = shapes
+    assert _is_winograd(conv2d_params(ws[2:], **opts), ws)
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(s, generator=gen) for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts)
+
+
+def test_winograd_gradgradcheck():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 8, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: fastconv.conv2d(x, w, padding=1), (x, w))
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 def _x(*shape, dtype=torch.float32):
