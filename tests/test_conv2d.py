@@ -227,6 +227,7 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
     ((3, 9, 5, 5), (10, 9, 3, 3), dict(padding=(2, 3))),   # padding beyond the kernel
     ((1, 8, 3, 4), (8, 8, 3, 3), dict(padding="same")),    # smaller than a tile row
     ((2, 32, 14, 14), (24, 32, 3, 3), dict(padding=1)),    # several tile rows per item
+    ((1, 8, 40, 37), (8, 8, 3, 3), dict(padding=1)),       # weight gradient: a short last chunk
 ]
 
 
