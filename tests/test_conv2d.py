@@ -228,14 +228,19 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
     ((1, 8, 3, 4), (8, 8, 3, 3), dict(padding="same")),    # smaller than a tile row
     ((2, 32, 14, 14), (24, 32, 3, 3), dict(padding=1)),    # several tile rows per item
     ((1, 8, 40, 37), (8, 8, 3, 3), dict(padding=1)),       # weight gradient: a short last chunk
+    ((2, 8, 13, 12), (8, 8, 3, 3), dict(padding=2, dilation=2)),   # dilation: 4 phases
+    ((1, 8, 16, 11), (8, 8, 3, 3), dict(padding=(3, 1), dilation=(3, 2))),  # uneven phases
+    ((1, 8, 7, 9), (8, 8, 3, 3), dict(padding=(4, 4), dilation=(5, 4))),    # phases of 1 row
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_winograd_layers(dtype, shapes):
-    """Forward and the input gradient go through Winograd F(2x2, 3x3) on the CPU; within the
-    same tolerance as every other path (a few PyTorch-sized errors)."""
+    """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) forward and
+    input gradient, F(3x3, 2x2) weight gradient, per dilation phase. Error bound: a few
+    PyTorch-sized errors plus 8 ulp of the tensor's largest condition scale (Winograd mixes a
+    tile's terms, see helpers)."""
     from fastconv._args import conv2d_params
     from fastconv.cpu.conv2d import _is_winograd
 
@@ -243,7 +248,8 @@ def test_winograd_layers(dtype, shapes):
     assert _is_winograd(conv2d_params(ws[2:], **opts), ws)
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen) for s in (xs, ws, ws[:1]))
-    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts)
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts,
+                         scale="tensor")
 
 
 def test_winograd_gradgradcheck():

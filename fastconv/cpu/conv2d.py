@@ -471,16 +471,17 @@ def _winograd_filter(w: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _winograd_input(x3, V, pt, pl, th0, th1, tw_n, buf):
+def _winograd_input(x3, V, top, left, dh, dw, th0, th1, tw_n, buf):
     """V[:, c, t] = B^T d B for tile t = (th - th0)*tw_n + tw of tile rows [th0, th1); d is
-    the 4x4 input patch at (2*th - pt, 2*tw - pl), zeros outside the input. ``buf`` (4,
-    2*tw_n + 2) holds a patch row band, zero-padded, so the tile loop is branch-free."""
+    the 4x4 patch of input rows top + dh*(2*th + a), columns left + dw*(2*tw + b), zeros
+    outside the input. ``buf`` (4, >= 2*tw_n + 2) holds a band of patch rows, zero-padded, so
+    the tile loop is branch-free."""
     c_in, h, w = x3.shape
-    wb = buf.shape[1]
+    wb = 2 * tw_n + 2
     for c in range(c_in):
         for th in range(th0, th1):
             for a in range(4):
-                ih = 2 * th - pt + a
+                ih = top + dh * (2 * th + a)
                 row = buf[a]
                 if ih < 0 or ih >= h:
                     for q in range(wb):
@@ -488,7 +489,7 @@ def _winograd_input(x3, V, pt, pl, th0, th1, tw_n, buf):
                     continue
                 src = x3[c, ih]
                 for q in range(wb):
-                    iw = q - pl
+                    iw = left + dw * q
                     row[q] = src[iw] if 0 <= iw < w else 0
             r0, r1, r2, r3 = buf[0], buf[1], buf[2], buf[3]
             t0 = (th - th0) * tw_n
@@ -515,15 +516,16 @@ def _winograd_input(x3, V, pt, pl, th0, th1, tw_n, buf):
 
 
 @njit(cache=True, nogil=True)
-def _winograd_output(M, y3, b1, th0, th1, tw_n):
-    """y3 tiles of rows [th0, th1) = b1 + A^T M A (the last row/column of an odd output is
-    dropped)."""
-    c_out, ho, wo = y3.shape
+def _winograd_output(M, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+    """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A: tile (th, tw) holds outputs
+    (ph + dh*u, pw + dw*v) for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
+    c_out = y3.shape[0]
     for co in range(c_out):
         b = b1[co]
         out = y3[co]
         for th in range(th0, th1):
-            oh = 2 * th
+            u = 2 * th
+            oh, oh1 = ph + dh * u, ph + dh * (u + 1)
             t0 = (th - th0) * tw_n
             for tw in range(tw_n):
                 m = M[:, co, t0 + tw]
@@ -535,37 +537,52 @@ def _winograd_output(M, y3, b1, th0, th1, tw_n):
                 s11 = m[5] - m[9] - m[13]
                 s12 = m[6] - m[10] - m[14]
                 s13 = m[7] - m[11] - m[15]
-                ow = 2 * tw
+                v = 2 * tw
+                ow, ow1 = pw + dw * v, pw + dw * (v + 1)
                 out[oh, ow] = b + s00 + s01 + s02
-                if ow + 1 < wo:
-                    out[oh, ow + 1] = b + s01 - s02 - s03
-                if oh + 1 < ho:
-                    out[oh + 1, ow] = b + s10 + s11 + s12
-                    if ow + 1 < wo:
-                        out[oh + 1, ow + 1] = b + s11 - s12 - s13
+                if v + 1 < wv:
+                    out[oh, ow1] = b + s01 - s02 - s03
+                if u + 1 < hu:
+                    out[oh1, ow] = b + s10 + s11 + s12
+                    if v + 1 < wv:
+                        out[oh1, ow1] = b + s11 - s12 - s13
+
+
+@njit(cache=True, nogil=True)
+def _phase(ho, wo, dh, dw, phase):
+    """Phase ``phase`` of a dilated output: (ph, pw, hu, wv, tile rows, tile columns). Outputs
+    (ph + dh*u, pw + dw*v) read input rows ph - pt + dh*(u + i): an undilated 3x3 conv on that
+    sub-lattice, which Winograd tiles as usual."""
+    ph, pw = phase // dw, phase % dw
+    hu, wv = max(0, (ho - ph + dh - 1) // dh), max(0, (wo - pw + dw - 1) // dw)
+    return ph, pw, hu, wv, (hu + 1) // 2, (wv + 1) // 2
 
 
 @njit(cache=True, parallel=True)
-def _winograd_forward(x4, U, b1, y4, pt, pl, rows):
+def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
     """y4 (N, C_out, Ho, Wo) = b1 + x4 (N, C_in, H, W) convolved with the 3x3 filters whose
-    transform is U (16, C_out, C_in), at padding (pt, pl) (any sign: a negative pad crops).
-    Work items: (image, chunk of ``rows`` tile rows)."""
+    transform is U (16, C_out, C_in), at padding (pt, pl) (any sign: a negative pad crops) and
+    dilation (dh, dw). Work items: (image, dilation phase, chunk of ``rows`` tile rows)."""
     n_img, c_in = x4.shape[0], x4.shape[1]
     c_out, ho, wo = y4.shape[1], y4.shape[2], y4.shape[3]
-    th_n, tw_n = (ho + 1) // 2, (wo + 1) // 2
-    chunks = (th_n + rows - 1) // rows
-    for item in prange(n_img * chunks):
-        n, ch = item // chunks, item % chunks
-        th0 = ch * rows
+    phases = dh * dw
+    chunks = ((-(-ho // dh) + 1) // 2 + rows - 1) // rows  # phase 0 has the most tile rows
+    tw_max = (-(-wo // dw) + 1) // 2
+    for item in prange(n_img * phases * chunks):
+        n, rest = item // (phases * chunks), item % (phases * chunks)
+        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, rest // chunks)
+        th0 = (rest % chunks) * rows
+        if th0 >= th_n or tw_n == 0:
+            continue
         th1 = min(th_n, th0 + rows)
         tiles = (th1 - th0) * tw_n
         V = np.empty((16, c_in, tiles), dtype=x4.dtype)
         M = np.empty((16, c_out, tiles), dtype=x4.dtype)
-        buf = np.empty((4, 2 * tw_n + 2), dtype=x4.dtype)
-        _winograd_input(x4[n], V, pt, pl, th0, th1, tw_n, buf)
+        buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
+        _winograd_input(x4[n], V, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
         for k in range(16):
             np.dot(U[k], V[k], M[k])
-        _winograd_output(M, y4[n], b1, th0, th1, tw_n)
+        _winograd_output(M, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
 
 
 # The weight gradient is Winograd F(3x3, 2x2), the dual of F(2x2, 3x3) (transposition
@@ -581,24 +598,24 @@ def _grad_tile_row(U, r, co, t, x0, x1):
 
 
 @njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, U, th0, th1, tw_n):
-    """U[:, co, t] = A H A^T for the 2x2 grad_out tile H at (2*th, 2*tw), zero past the
-    output's last row or column."""
-    c_out, ho, wo = gy3.shape
+def _winograd_grad_tiles(gy3, U, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+    """U[:, co, t] = A H A^T for the 2x2 grad_out tile H of phase (ph, pw) (see
+    ``_winograd_output``), zero past the phase's last row or column."""
+    c_out = gy3.shape[0]
     for co in range(c_out):
         g = gy3[co]
         for th in range(th0, th1):
-            oh = 2 * th
-            last_row = oh + 1 >= ho
+            oh, oh1 = ph + dh * 2 * th, ph + dh * (2 * th + 1)
+            last_row = 2 * th + 1 >= hu
             t0 = (th - th0) * tw_n
             for tw in range(tw_n):
-                ow = 2 * tw
-                last_col = ow + 1 >= wo
+                ow, ow1 = pw + dw * 2 * tw, pw + dw * (2 * tw + 1)
+                last_col = 2 * tw + 1 >= wv
                 h00 = g[oh, ow]
                 zero = h00 * 0
-                h01 = zero if last_col else g[oh, ow + 1]
-                h10 = zero if last_row else g[oh + 1, ow]
-                h11 = zero if last_row or last_col else g[oh + 1, ow + 1]
+                h01 = zero if last_col else g[oh, ow1]
+                h10 = zero if last_row else g[oh1, ow]
+                h11 = zero if last_row or last_col else g[oh1, ow1]
                 t = t0 + tw
                 _grad_tile_row(U, 0, co, t, h00, h01)  # rows of A H, then each times A^T
                 _grad_tile_row(U, 1, co, t, h00 + h10, h01 + h11)
@@ -607,34 +624,48 @@ def _winograd_grad_tiles(gy3, U, th0, th1, tw_n):
 
 
 @njit(cache=True, parallel=True)
-def _winograd_backward_weight(gy4, x4, part, pt, pl, rows):
+def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows):
     """part (P, 16, C_out, C_in): chunk p's sum over its images (a fixed split of the batch,
-    so the sum order depends only on P) of the transformed tile products."""
+    so the sum order depends only on P) of the transformed tile products, every dilation
+    phase and tile in order."""
     n_img, c_in = x4.shape[0], x4.shape[1]
     c_out, ho, wo = gy4.shape[1], gy4.shape[2], gy4.shape[3]
     chunks_p = part.shape[0]
-    th_n, tw_n = (ho + 1) // 2, (wo + 1) // 2
+    tw_max = (-(-wo // dw) + 1) // 2
+    tiles_max = rows * tw_max
     for p in prange(chunks_p):
         acc = part[p]
         acc[:] = 0
-        tiles_max = min(rows, th_n) * tw_n
         V = np.empty(16 * c_in * tiles_max, dtype=x4.dtype)
         U = np.empty(16 * c_out * tiles_max, dtype=x4.dtype)
         tmp = np.empty((c_out, c_in), dtype=x4.dtype)
-        buf = np.empty((4, 2 * tw_n + 2), dtype=x4.dtype)
+        buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
         for n in range(p * n_img // chunks_p, (p + 1) * n_img // chunks_p):
-            for th0 in range(0, th_n, rows):
-                th1 = min(th_n, th0 + rows)
-                tiles = (th1 - th0) * tw_n
-                # C-contiguous views of the buffers' fronts (the last chunk may be short):
-                # np.dot needs contiguous operands.
-                Vc = V[:16 * c_in * tiles].reshape(16, c_in, tiles)
-                Uc = U[:16 * c_out * tiles].reshape(16, c_out, tiles)
-                _winograd_input(x4[n], Vc, pt, pl, th0, th1, tw_n, buf)
-                _winograd_grad_tiles(gy4[n], Uc, th0, th1, tw_n)
-                for k in range(16):
-                    np.dot(Uc[k], Vc[k].T, tmp)
-                    acc[k] += tmp
+            for phase in range(dh * dw):
+                ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+                if tw_n == 0:
+                    continue
+                for th0 in range(0, th_n, rows):
+                    _winograd_chunk_products(x4[n], gy4[n], V, U, tmp, acc, buf, pt, pl, ph,
+                                             pw, dh, dw, hu, wv, th0,
+                                             min(th_n, th0 + rows), tw_n)
+
+
+@njit(cache=True, nogil=True)
+def _winograd_chunk_products(x3, gy3, V, U, tmp, acc, buf, pt, pl, ph, pw, dh, dw, hu, wv,
+                             th0, th1, tw_n):
+    """acc[k] += U[k] @ V[k]^T over the tiles of rows [th0, th1) of phase (ph, pw)."""
+    c_in, c_out = x3.shape[0], gy3.shape[0]
+    tiles = (th1 - th0) * tw_n
+    # C-contiguous views of the buffers' fronts (a chunk may be short): np.dot needs
+    # contiguous operands.
+    Vc = V[:16 * c_in * tiles].reshape(16, c_in, tiles)
+    Uc = U[:16 * c_out * tiles].reshape(16, c_out, tiles)
+    _winograd_input(x3, Vc, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
+    _winograd_grad_tiles(gy3, Uc, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+    for k in range(16):
+        np.dot(Uc[k], Vc[k].T, tmp)
+        acc[k] += tmp
 
 
 @njit(cache=True, parallel=True)
@@ -663,26 +694,28 @@ def _winograd_weight_output(part, gw4):
 
 
 def _is_winograd(params: Conv2dParams, weight_shape) -> bool:
-    """3x3, stride 1, dilation 1, one group, and enough channels for the GEMMs to pay."""
+    """3x3, stride 1 (any dilation), one group, and enough channels for the GEMMs to pay."""
     c_out, cin_g, kh, kw = weight_shape
-    return (kh, kw) == (3, 3) and params.stride == (1, 1) and params.dilation == (1, 1) and \
+    return (kh, kw) == (3, 3) and params.stride == (1, 1) and \
         params.groups == 1 and cin_g >= 8 and c_out >= 8
 
 
-def _winograd_rows(c_in: int, c_out: int, out_hw, itemsize: int) -> int:
+def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int) -> int:
     """Tile rows per work item: V and M (or U) within _WINOGRAD_BYTES."""
-    th_n, tw_n = (out_hw[0] + 1) // 2, (out_hw[1] + 1) // 2
+    th_n = (-(-out_hw[0] // dilation[0]) + 1) // 2
+    tw_n = (-(-out_hw[1] // dilation[1]) + 1) // 2
     tiles = _WINOGRAD_BYTES // (16 * (c_in + c_out) * itemsize)
     return max(1, min(th_n, tiles // tw_n))
 
 
 def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt: int,
-              pl: int) -> None:
+              pl: int, dilation) -> None:
     n, c_in = x.shape[:2]
     c_out, ho, wo = y.shape[1:]
-    rows = _winograd_rows(c_in, c_out, (ho, wo), x.itemsize)
-    with parallel_region(n * -(-((ho + 1) // 2) // rows)):
-        _winograd_forward(x, U, bias, y, pt, pl, rows)
+    dh, dw = dilation
+    rows = _winograd_rows(c_in, c_out, (ho, wo), dilation, x.itemsize)
+    with parallel_region(n * dh * dw * -(-((-(-ho // dh) + 1) // 2) // rows)):
+        _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows)
 
 
 def _geometry(params: Conv2dParams, kernel_hw, out_hw):
@@ -729,7 +762,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return y
     if _is_winograd(params, weight.shape):
         top, _, left, _ = params.padding
-        _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left)
+        _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left, params.dilation)
         return y
     b2 = b1.reshape(g, -1)
     with parallel_region(n * g):
@@ -753,11 +786,12 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
         return gx
     if _is_winograd(params, weight.shape):
         # The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of grad_out with
-        # the filters flipped and transposed, at padding 2 - pad.
+        # the filters flipped and transposed, at padding 2*dilation - pad.
         top, _, left, _ = params.padding
+        dh, dw = params.dilation
         flipped = np.ascontiguousarray(_np(weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         _winograd(_np(grad_out), _winograd_filter(flipped), np.zeros(c_in, flipped.dtype),
-                  gx.numpy(), 2 - top, 2 - left)
+                  gx.numpy(), 2 * dh - top, 2 * dw - left, params.dilation)
         return gx
     if cin_g == 1:
         with parallel_region(n * c_in):
@@ -792,8 +826,10 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
         with parallel_region(chunks):
             # Tiles are the GEMMs' inner dimension here, and each chunk's products are added
             # into the partial sums: long chunks amortise that (not the L2 budget above).
-            rows = max(1, min((ho + 1) // 2, _WINOGRAD_WGRAD_TILES // ((wo + 1) // 2)))
-            _winograd_backward_weight(gyn, xn, part, top, left, rows)
+            dh, dw = params.dilation
+            tw_n = (-(-wo // dw) + 1) // 2  # tile columns of the widest dilation phase
+            rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
+            _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows)
         with parallel_region(c_out):
             _winograd_weight_output(part, gw.numpy())
         return gw
