@@ -16,10 +16,28 @@ def test_digits_data_ship_with_sklearn_and_split_stratified():
 def test_lenet_on_digits_reaches_95_percent_beside_torch():
     ours, theirs = digits.train()
     assert ours.accuracy[-1] >= 0.95, ours.accuracy
-    # Same weights and batches: the two runs agree until float roundoff compounds.
-    assert abs(ours.loss[0] - theirs.loss[0]) < 1e-4 * theirs.loss[0]
+    # Same weights and batches, but training amplifies rounding differences (fastconv's
+    # Winograd and depthwise kernels round differently from oneDNN): close, not equal.
     assert abs(ours.accuracy[-1] - theirs.accuracy[-1]) <= 0.02
     assert all(s > 0 for s in ours.seconds + theirs.seconds)
+
+
+def test_lenet_first_step_matches_torch():
+    """Before training compounds anything: the same loss and gradients as torch.nn."""
+    import copy
+
+    (x, y), _ = digits.load()
+    torch.manual_seed(0)
+    reference = digits.lenet()
+    ours = fastconv.convert(copy.deepcopy(reference))
+    losses = []
+    for model in (ours, reference):
+        loss = torch.nn.functional.cross_entropy(model(x[:32]), y[:32])
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5 * losses[1]
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_resnet18_converts_matches_and_trains():
