@@ -252,6 +252,28 @@ def test_winograd_layers(dtype, shapes):
                          scale="tensor")
 
 
+@st.composite
+def winograd_cases(draw):
+    """3x3 stride-1 layers with enough channels for the Winograd path, any size, padding and
+    dilation (including outputs of one row or column, and padding beyond the kernel)."""
+    cin, cout = draw(st.integers(8, 12)), draw(st.integers(8, 12))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    h = draw(st.integers(max(1, 2 * dilation[0] + 1 - 2 * padding[0]), 14))
+    w = draw(st.integers(max(1, 2 * dilation[1] + 1 - 2 * padding[1]), 14))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    shapes = ((draw(st.integers(1, 3)), cin, h, w), (cout, cin, 3, 3), (cout,))
+    return [torch.randn(s, generator=gen) for s in shapes], dict(padding=padding,
+                                                                  dilation=dilation)
+
+
+@given(case=winograd_cases())
+def test_winograd_random_layers(case):
+    tensors, opts = case
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", torch.float32, *tensors), opts,
+                         scale="tensor")
+
+
 def test_winograd_gradgradcheck():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 8, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
