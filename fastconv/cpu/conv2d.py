@@ -109,23 +109,36 @@ def _im2col_wide(xp3, col, kh, kw, dh, dw, base, span):
 
 
 @njit(cache=True, nogil=True)
-def _to_wide_rows(src, dst, oh0, oh1, wo, wp):
-    """dst[:, (oh - oh0)*Wp + ow] = src[:, oh*Wo + ow] for rows [oh0, oh1), and 0 in the
-    columns between rows (so garbage im2col columns meet zeros in a product)."""
-    for co in range(src.shape[0]):
-        d, sr = dst[co], src[co]
-        for oh in range(oh0, oh1):
-            r = (oh - oh0) * wp
-            for ow in range(wo):
-                d[r + ow] = sr[oh * wo + ow]
-            if oh + 1 < oh1:
-                for q in range(r + wo, r + wp):
-                    d[q] = 0
+def _padded_extent(ho, wo, kh, kw, sh, sw, dh, dw):
+    """(Hp, Wp): the extent of the zero-padded input that an (Ho, Wo) output reads."""
+    return (ho - 1) * sh + (kh - 1) * dh + 1, (wo - 1) * sw + (kw - 1) * dw + 1
+
+
+@njit(cache=True, nogil=True)
+def _rows_to_wide(src, dst, oh0, oh1, wo, wp):
+    """dst[(oh - oh0)*Wp + ow] = src[oh*Wo + ow] for rows [oh0, oh1) of one channel, and 0 in
+    the columns between rows (so garbage im2col columns meet zeros in a product)."""
+    for oh in range(oh0, oh1):
+        r = (oh - oh0) * wp
+        for ow in range(wo):
+            dst[r + ow] = src[oh * wo + ow]
+        if oh + 1 < oh1:
+            for q in range(r + wo, r + wp):
+                dst[q] = 0
+
+
+@njit(cache=True, nogil=True)
+def _rows_from_wide(src, dst, oh0, oh1, wo, wp):
+    """dst[oh*Wo + ow] = src[(oh - oh0)*Wp + ow] for rows [oh0, oh1) of one channel."""
+    for oh in range(oh0, oh1):
+        r = (oh - oh0) * wp
+        for ow in range(wo):
+            dst[oh * wo + ow] = src[r + ow]
 
 
 @njit(cache=True, nogil=True)
 def _padded_planes(x3, kh, kw, pt, pl, dh, dw, ho, wo):
-    hp, wp = ho + (kh - 1) * dh, wo + (kw - 1) * dw
+    hp, wp = _padded_extent(ho, wo, kh, kw, 1, 1, dh, dw)
     xp = np.empty((x3.shape[0], hp, wp), dtype=x3.dtype)
     for c in range(x3.shape[0]):
         _pad_plane(x3[c], xp[c], pt, pl)
@@ -137,7 +150,7 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, pt, pl, dh, dw, ho, wo):
     """gx3 (C_in/G, H, W) = the adjoint of ``_forward_wide``: dcol = w2^T @ wide grad rows,
     each tap's row added back into the padded planes at its shift, then the planes cropped."""
     cin, k, cout = gx3.shape[0], w2.shape[1], w2.shape[0]
-    hp, wp = ho + (kh - 1) * dh, wo + (kw - 1) * dw
+    hp, wp = _padded_extent(ho, wo, kh, kw, 1, 1, dh, dw)
     gxp = np.zeros((cin, hp, wp), dtype=gx3.dtype)
     rows = max(1, min(ho, _CHUNK_COLUMNS // wp))
     gy_buf = np.empty(cout * rows * wp, dtype=gx3.dtype)
@@ -146,7 +159,8 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, pt, pl, dh, dw, ho, wo):
         oh1 = min(ho, oh0 + rows)
         span = (oh1 - oh0 - 1) * wp + wo
         gy, dcol = front(gy_buf, cout, span), front(dcol_buf, k, span)
-        _to_wide_rows(gy2, gy, oh0, oh1, wo, wp)
+        for co in range(cout):
+            _rows_to_wide(gy2[co], gy[co], oh0, oh1, wo, wp)
         np.dot(w2.T, gy, dcol)
         for c in range(cin):
             flat = gxp[c].ravel()
@@ -173,7 +187,8 @@ def _backward_weight_wide(gy2, x3, acc, tmp, kh, kw, pt, pl, dh, dw, ho, wo):
         span = (oh1 - oh0 - 1) * wp + wo
         col, gy = front(col_buf, k, span), front(gy_buf, cout, span)
         _im2col_wide(xp, col, kh, kw, dh, dw, oh0 * wp, span)
-        _to_wide_rows(gy2, gy, oh0, oh1, wo, wp)
+        for co in range(cout):
+            _rows_to_wide(gy2[co], gy[co], oh0, oh1, wo, wp)
         np.dot(gy, col.T, tmp)
         acc += tmp
 
@@ -195,11 +210,7 @@ def _forward_wide(x3, w2, out, kh, kw, pt, pl, dh, dw, ho, wo):
         _im2col_wide(xp, col, kh, kw, dh, dw, oh0 * wp, span)
         np.dot(w2, col, y)
         for co in range(cout):
-            dst, src = out[co], y[co]
-            for oh in range(oh0, oh1):
-                r = (oh - oh0) * wp
-                for ow in range(wo):
-                    dst[oh * wo + ow] = src[r + ow]
+            _rows_from_wide(y[co], out[co], oh0, oh1, wo, wp)
 
 
 @njit(cache=True, parallel=True)
@@ -355,8 +366,8 @@ def _depthwise_dims(in4, out4, kh, kw, sh, sw, dh, dw):
     (Hp, Wp) is the extent of the padded input that the output reads."""
     n_img, c_in = in4.shape[0], in4.shape[1]
     c_out, ho, wo = out4.shape[1], out4.shape[2], out4.shape[3]
-    return (n_img, c_in, c_out, ho, wo, c_out // c_in, (ho - 1) * sh + (kh - 1) * dh + 1,
-            (wo - 1) * sw + (kw - 1) * dw + 1)
+    hp, wp = _padded_extent(ho, wo, kh, kw, sh, sw, dh, dw)
+    return n_img, c_in, c_out, ho, wo, c_out // c_in, hp, wp
 
 
 @njit(cache=True, nogil=True)
@@ -378,17 +389,6 @@ def _crop_plane(xp, x, pt, pl):
             row[iw] = src[iw + pl]
         for iw in range(c1, w):
             row[iw] = 0
-
-
-@njit(cache=True, nogil=True)
-def _to_wide(plane, wide, wp):
-    """Rows of ``plane`` (Ho, Wo) at stride Wp in ``wide``; the gaps are left as they are."""
-    ho, wo = plane.shape
-    for oh in range(ho):
-        src = plane[oh]
-        base = oh * wp
-        for ow in range(wo):
-            wide[base + ow] = src[ow]
 
 
 @njit(cache=True, nogil=True)
@@ -427,11 +427,7 @@ def _depthwise_plane(xp, wk, y, bias, kh, kw, sh, sw, dh, dw, wide):
         for q in range(span):
             wide[q] = bias
         _add_taps(wide, flat, wk, kh, kw, dh, dw, wp, span)
-        for oh in range(ho):
-            row = y[oh]
-            base = oh * wp
-            for ow in range(wo):
-                row[ow] = wide[base + ow]
+        _rows_from_wide(wide, y.reshape(ho * wo), 0, ho, wo, wp)
         return
     for oh in range(ho):
         row = y[oh]
@@ -468,13 +464,13 @@ def _depthwise_backward_input(gy4, w3, gx4, kh, kw, sh, sw, pt, pl, dh, dw):
     for item in prange(n_img * c_in):
         n, c = item // c_in, item % c_in
         gxp = np.zeros(hp * wp, dtype=gx4.dtype)
-        wide = np.zeros(ho * wp, dtype=gx4.dtype)  # gaps between wide rows stay 0
+        wide = np.empty(ho * wp, dtype=gx4.dtype)
         span = (ho - 1) * wp + wo
         for m in range(mult):
             co = c * mult + m
             gy, wk = gy4[n, co], w3[co]
             if sh == 1 and sw == 1:
-                _to_wide(gy, wide, wp)
+                _rows_to_wide(gy.reshape(ho * wo), wide, 0, ho, wo, wp)
                 src = wide[:span]
                 for i in range(kh):
                     for j in range(kw):
@@ -521,14 +517,14 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
     for co in prange(c_out):
         c = co // mult
         xp = np.empty((hp, wp), dtype=x4.dtype)
-        wide = np.zeros(ho * wp, dtype=x4.dtype)
+        wide = np.empty(ho * wp, dtype=x4.dtype)
         acc = np.zeros((kh, kw), dtype=np.float64)
         flat = xp.ravel()
         for n in range(n_img):
             _pad_plane(x4[n, c], xp, pt, pl)
             gy = gy4[n, co]
             if sh == 1 and sw == 1:
-                _to_wide(gy, wide, wp)
+                _rows_to_wide(gy.reshape(ho * wo), wide, 0, ho, wo, wp)
                 _tap_dots(wide[:span], flat, acc, kh, kw, dh, dw, wp, span)
                 continue
             for oh in range(ho):
