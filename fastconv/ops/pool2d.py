@@ -284,7 +284,9 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     Returns (N, C, Ho, Wo), or ``(output, indices)``; channels_last if input is.
     """
     params = pool2d_params(kernel_size, stride, padding, dilation, ceil_mode, op="max_pool2d")
-    check_pool2d(input, params, "max_pool2d", integers=True)
+    if not (isinstance(input, torch.Tensor) and input.dim() == 4):
+        # The operator checks batched input; here errors name the caller's shapes and types.
+        check_pool2d(input, params, "max_pool2d", integers=True)
     # Without a gradient to compute or indices to return, the indices are never written.
     with_indices = return_indices or (input.requires_grad and torch.is_grad_enabled())
     output, indices = _batched(ops.max_pool2d, input, list(params.kernel), list(params.stride),
@@ -309,8 +311,10 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     Returns (N, C, Ho, Wo) or (C, Ho, Wo); channels_last if input is.
     """
     params = pool2d_params(kernel_size, stride, padding, 1, ceil_mode, op="avg_pool2d")
-    _check_divisor(divisor_override)
-    check_pool2d(input, params, "avg_pool2d")
+    if not (isinstance(input, torch.Tensor) and input.dim() == 4):
+        # The operator checks batched input (divisor_override too); here errors name the
+        # caller's shapes and types.
+        check_pool2d(input, params, "avg_pool2d")
     return _batched(ops.avg_pool2d, input, list(params.kernel), list(params.stride),
                     list(params.padding), params.ceil_mode, bool(count_include_pad),
                     divisor_override)
