@@ -370,6 +370,12 @@ class Pool2dParams:
                               self.padding[a], self.dilation[a], self.ceil_mode)
                      for a in (0, 1))
 
+    @property
+    def window_index_dtype(self) -> torch.dtype:
+        """dtype of max pooling's window argmax (the winning tap's row-major number within
+        its window, what the gradient needs): uint8 up to 256 taps, else int32."""
+        return torch.uint8 if self.kernel[0] * self.kernel[1] <= 256 else torch.int32
+
 
 def pool2d_params(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                   op: str = "max_pool2d") -> Pool2dParams:

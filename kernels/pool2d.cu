@@ -51,47 +51,67 @@ __device__ __forceinline__ int avg_divisor(const PoolGeometry& g, int oy, int ox
 
 using namespace fastconv;
 
+// The argmax a max pooling records, by the type Arg it is stored as: void, none; long long,
+// the flat index into H*W (return_indices); unsigned char or int, the winning tap's row-major
+// number within its window (all the gradient needs, in one byte up to 256 taps).
+template <typename Arg>
+struct ArgKind {
+    static constexpr bool any = true, flat = false;
+};
+template <>
+struct ArgKind<void> {
+    static constexpr bool any = false, flat = false;
+};
+template <>
+struct ArgKind<long long> {
+    static constexpr bool any = true, flat = true;
+};
+
 // y, indices: (planes, Ho, Wo). Taps in row-major window order; a larger value or a NaN
 // replaces the running max, so NaN propagates and the index is the last NaN's. The index
 // starts at the window's first in-bounds tap, as in PyTorch (it stays there for an all -inf
 // window).
-template <typename T, typename Index, bool WithIndices>
+template <typename T, typename Index, typename Arg>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
-                                   long long* __restrict__ indices, PoolGeometry g) {
+                                   Arg* __restrict__ indices, PoolGeometry g) {
     using A = typename Acc<T>::type;
     const Index total = (Index)g.planes * g.ho * g.wo;
     for (Index e = global_thread_index<Index>(); e < total; e += grid_stride<Index>()) {
         const PlanePos<Index> at = plane_pos(e, g.ho, g.wo);
         const int oy = at.y, ox = at.x;
         const Index p = at.plane;
-        int y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
-        const int ye = min(y0 + (g.kh - 1) * g.dh + 1, g.h);
-        const int xe = min(x0 + (g.kw - 1) * g.dw + 1, g.w);
+        const int ys = oy * g.sh - g.ph, xs = ox * g.sw - g.pw;
+        int y0 = ys, x0 = xs;
+        const int ye = min(ys + (g.kh - 1) * g.dh + 1, g.h);
+        const int xe = min(xs + (g.kw - 1) * g.dw + 1, g.w);
         while (y0 < 0) y0 += g.dh;
         while (x0 < 0) x0 += g.dw;
         const T* plane = x + p * g.h * g.w;
         A best = neg_inf<A>();
         long long arg = (long long)y0 * g.w + x0;
+        int tap = ((y0 - ys) / g.dh) * g.kw + (x0 - xs) / g.dw;
         T best_raw = Store<T>::from(best);
-        for (int iy = y0; iy < ye; iy += g.dh) {
-            for (int ix = x0; ix < xe; ix += g.dw) {
+        for (int iy = y0, ty = (y0 - ys) / g.dh; iy < ye; iy += g.dh, ++ty) {
+            for (int ix = x0, tx = (x0 - xs) / g.dw; ix < xe; ix += g.dw, ++tx) {
                 const T raw = plane[(Index)iy * g.w + ix];
                 const A v = to_acc(raw);
                 if (v > best || is_nan(v)) {
                     best = v;
                     best_raw = raw;
                     arg = (long long)iy * g.w + ix;
+                    tap = ty * g.kw + tx;
                 }
             }
         }
         y[e] = best_raw;
-        if (WithIndices) indices[e] = arg;
+        if constexpr (ArgKind<Arg>::flat) indices[e] = arg;
+        else if constexpr (ArgKind<Arg>::any) indices[e] = (Arg)tap;
     }
 }
 
-// gx (planes, H, W) from gy and the forward's indices, both (planes, Ho, Wo).
-template <typename T, typename Index>
-__global__ void max_pool2d_backward(const T* __restrict__ gy, const long long* __restrict__ indices,
+// gx (planes, H, W) from gy and the forward's indices (flat or window), both (planes, Ho, Wo).
+template <typename T, typename Index, typename Arg>
+__global__ void max_pool2d_backward(const T* __restrict__ gy, const Arg* __restrict__ indices,
                                     T* __restrict__ gx, PoolGeometry g) {
     using A = typename Acc<T>::type;
     const Index total = (Index)g.planes * g.h * g.w;
@@ -106,27 +126,47 @@ __global__ void max_pool2d_backward(const T* __restrict__ gy, const long long* _
         const int ox1 = end_window(ix, g.pw, g.sw, g.wo);
         const Index base = p * g.ho * g.wo;
         A sum = 0;
-        for (int oy = oy0; oy < oy1; ++oy)
+        for (int oy = oy0; oy < oy1; ++oy) {
+            const int ty = iy - (oy * g.sh - g.ph);
+            if (!ArgKind<Arg>::flat && ty % g.dh) continue;  // between two taps of the window
             for (int ox = ox0; ox < ox1; ++ox) {
                 const Index o = base + (Index)oy * g.wo + ox;
-                if (indices[o] == me) sum += to_acc(gy[o]);
+                if constexpr (ArgKind<Arg>::flat) {
+                    if (indices[o] == me) sum += to_acc(gy[o]);
+                } else {
+                    const int tx = ix - (ox * g.sw - g.pw);
+                    if (tx % g.dw == 0 && (int)indices[o] == (ty / g.dh) * g.kw + tx / g.dw)
+                        sum += to_acc(gy[o]);
+                }
             }
+        }
         gx[e] = Store<T>::from(sum);
     }
 }
 
 // ggy (planes, Ho, Wo) = ggx (planes, H, W) gathered at the forward's indices: the gradient of
 // max_pool2d_backward with respect to its gy (double backward). A window wholly in the padding
-// sent its gradient nowhere, so it gets 0; so does an index outside the plane (never read).
-template <typename T, typename Index>
+// sent its gradient nowhere, so it gets 0; so does an index naming no input element (never
+// read).
+template <typename T, typename Index, typename Arg>
 __global__ void max_pool2d_double_backward(const T* __restrict__ ggx,
-                                           const long long* __restrict__ indices,
+                                           const Arg* __restrict__ indices,
                                            T* __restrict__ ggy, PoolGeometry g) {
     const Index total = (Index)g.planes * g.ho * g.wo;
     const long long plane = (long long)g.h * g.w;
     for (Index e = global_thread_index<Index>(); e < total; e += grid_stride<Index>()) {
         const PlanePos<Index> at = plane_pos(e, g.ho, g.wo);
-        const long long i = indices[e];
+        long long i = -1;
+        if constexpr (ArgKind<Arg>::flat) {
+            i = indices[e];
+        } else {
+            const int t = (int)indices[e];
+            if (t >= 0 && t < g.kh * g.kw) {
+                const int iy = at.y * g.sh - g.ph + (t / g.kw) * g.dh;
+                const int ix = at.x * g.sw - g.pw + (t % g.kw) * g.dw;
+                if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) i = (long long)iy * g.w + ix;
+            }
+        }
         T v = zero_value<T>();
         if (i >= 0 && i < plane && window_holds_input(at.y, g.h, g.kh, g.sh, g.ph, g.dh) &&
             window_holds_input(at.x, g.w, g.kw, g.sw, g.pw, g.dw))

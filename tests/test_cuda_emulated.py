@@ -172,8 +172,14 @@ def test_double_backward_on_the_cuda_engine(emulator):
         assert gradgradcheck(lambda x, w: fastconv.conv_transpose2d(
             x, w[:, :, :1, :1], output_padding=1, dilation=2), (x, w))
         assert gradgradcheck(lambda x: fastconv.max_pool2d(x, 3, 2, 1, ceil_mode=True), (px,))
+        # Flat indices (return_indices) and a dilated window's tap numbers.
+        assert gradgradcheck(lambda x: fastconv.max_pool2d(x, 2, 1, 1, dilation=(1, 2),
+                                                           return_indices=True)[0], (px,))
+        assert gradgradcheck(lambda x: fastconv.max_pool2d(x, 2, 1, 1, dilation=(1, 2)), (px,))
         assert gradgradcheck(lambda x: fastconv.avg_pool2d(x, 2, 1, 1), (x,))
-    assert "max_pool2d_double_backward<double" in " ".join(emulator.launches[start:])
+    launched = " ".join(emulator.launches[start:])
+    for arg in ("unsigned char", "long long"):
+        assert f"max_pool2d_double_backward<double, int, {arg}>" in launched
 
 
 # ---- pooling -----------------------------------------------------------------------------

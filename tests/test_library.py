@@ -35,7 +35,8 @@ def _samples(device, dtype, layout):
     g = t(*y.shape, seed=2)
     pool = [[3, 2], [2, 1], [1, 1], [1, 2], True]
     px = t(2, 3, 9, 8, seed=3)
-    out, idx = ops.max_pool2d(px.detach(), *pool, True)
+    out, idx = ops.max_pool2d(px.detach(), *pool, "flat")
+    code = ops.max_pool2d(px.detach(), *pool, "window")[1]
     avg = [[3, 2], [2, 1], [1, 1], True, False, None]
     ay = ops.avg_pool2d(px.detach(), *avg)
     return [
@@ -44,10 +45,13 @@ def _samples(device, dtype, layout):
         (ops.conv2d_backward_input, (g, w, [9, 8], *conv)),
         (ops.conv2d_backward_weight, (g, x, [3, 3], *conv)),
         (ops.conv2d_backward_bias, (g,)),
-        (ops.max_pool2d, (px, *pool, True)),
-        (ops.max_pool2d, (px.detach(), *pool, False)),
+        (ops.max_pool2d, (px, *pool, "flat")),
+        (ops.max_pool2d, (px, *pool, "window")),
+        (ops.max_pool2d, (px.detach(), *pool, "none")),
         (ops.max_pool2d_backward, (t(*out.shape, seed=5), idx, [9, 8], *pool)),
+        (ops.max_pool2d_backward, (t(*out.shape, seed=5), code, [9, 8], *pool)),
         (ops.max_pool2d_double_backward, (t(*px.shape, seed=6), idx, *pool)),
+        (ops.max_pool2d_double_backward, (t(*px.shape, seed=6), code, *pool)),
         (ops.avg_pool2d, (px, *avg)),
         (ops.avg_pool2d, (px, [2, 2], [2, 2], [0, 0], False, True, 3)),
         (ops.avg_pool2d_backward, (t(*ay.shape, seed=7), [9, 8], *avg)),

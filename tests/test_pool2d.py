@@ -138,19 +138,42 @@ def test_nan_propagates_and_indices_follow_torch():
         assert torch.equal(ours_idx, theirs_idx)
 
 
-def test_window_missing_the_input():
+@pytest.mark.parametrize("return_indices", [True, False])
+def test_window_missing_the_input(return_indices):
     """A dilated window can lie wholly in the padding: (1, 2) taps at columns -1 and 2 of a
     2-wide input. Forward matches PyTorch (the dtype's lowest value, PyTorch's index). PyTorch's
     backward then writes that window's gradient outside its plane (into the next plane, or past
-    the tensor); fastconv writes nothing for it."""
+    the tensor); fastconv writes nothing for it, from flat or window indices."""
     x = torch.tensor([[[[4.0, -4.0]]], [[[-2.0, 2.0]]]], requires_grad=True)
-    opts = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 3), return_indices=True)
-    y, idx = fastconv.max_pool2d(x, **opts)
-    ty, tidx = F.max_pool2d(x.detach(), **opts)
-    assert torch.equal(y, ty) and torch.equal(idx, tidx)
+    opts = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 3))
+    y = fastconv.max_pool2d(x, return_indices=return_indices, **opts)
+    if return_indices:
+        y, idx = y
+        assert torch.equal(idx, F.max_pool2d(x.detach(), return_indices=True, **opts)[1])
+    assert torch.equal(y, F.max_pool2d(x.detach(), **opts))
     assert y.isneginf().all()
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_pooling_operators_refuse_indices_not_made_by_max_pool2d():
+    """Flat indices outside the plane, window indices beyond the window or naming a tap in the
+    padding: a clear error from backward and double backward, never a stray write."""
+    ops = torch.ops.fastconv
+    pool = [[3, 3], [2, 2], [1, 1], [1, 1], False]
+    ggx, grad = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 5, 5)
+    bad = [(torch.full((1, 2, 5, 5), 81), "outside \\[0, H\\*W\\)"),
+           (torch.full((1, 2, 5, 5), 9, dtype=torch.uint8), "taps outside the input"),
+           (torch.zeros(1, 2, 5, 5, dtype=torch.uint8), "taps outside the input")]  # padding
+    for idx, words in bad:
+        with pytest.raises(ValueError, match=words):
+            ops.max_pool2d_backward(grad, idx, [9, 9], *pool)
+        with pytest.raises(ValueError, match=words):
+            ops.max_pool2d_double_backward(ggx, idx, *pool)
+    with pytest.raises(TypeError, match="indices must be int64 .* or torch.uint8 .* got torch.int32"):
+        ops.max_pool2d_backward(grad, torch.zeros(1, 2, 5, 5, dtype=torch.int32), [9, 9], *pool)
+    with pytest.raises(ValueError, match="indices must be one of none, flat, window, got 'all'"):
+        ops.max_pool2d(ggx, *pool, "all")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
@@ -180,11 +203,24 @@ def test_unbatched_input():
     assert torch.equal(fastconv.avg_pool2d(x, 2), F.avg_pool2d(x, 2))
 
 
-def test_max_pool2d_saves_only_indices():
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    y = fastconv.max_pool2d(x, 2)
+@pytest.mark.parametrize("kernel, dtype", [(2, torch.uint8), (16, torch.uint8),
+                                           ((16, 17), torch.int32)])
+def test_max_pool2d_saves_only_window_indices(kernel, dtype):
+    """The gradient keeps the argmax, not the input, and as the tap's number in its window:
+    one byte per output up to 256 taps."""
+    x = torch.randn(2, 3, 20, 20, requires_grad=True)
+    y = fastconv.max_pool2d(x, kernel, 1)
     (saved,) = y.grad_fn.saved_tensors
-    assert saved.dtype == torch.int64 and saved.shape == y.shape  # the argmax, not the input
+    assert saved.dtype == dtype and saved.shape == y.shape
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    assert 0 <= saved.min().item() and saved.max().item() < kh * kw
+    xt = x.detach().clone().requires_grad_()
+    grad = torch.randn(y.shape)
+    y.backward(grad), F.max_pool2d(xt, kernel, 1).backward(grad)
+    assert torch.equal(x.grad, xt.grad)
+    # return_indices keeps PyTorch's flat int64 indices, for max_unpool2d.
+    y, idx = fastconv.max_pool2d(x, kernel, 1, return_indices=True)
+    assert y.grad_fn.saved_tensors[0].dtype == torch.int64
 
 
 @pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),

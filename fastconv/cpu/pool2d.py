@@ -10,9 +10,15 @@ kernels and do not depend on the thread count:
   contiguous slice and the loop vectorises. Max: start from the dtype's lowest value at the
   window's first valid tap; a value wins if it is greater, or NaN (so NaN propagates and the
   index is the last NaN's). Avg: sum in that order, then divide.
-* Backward: one thread owns a whole plane and adds each output's gradient into it in output
-  order, the order of PyTorch's own kernels. No element is written by two threads (no races,
-  no atomics), and the summation order is fixed.
+* Max backward: one thread owns a whole plane and adds each output's gradient into it at the
+  argmax, in output order, the order of PyTorch's own kernels. The argmax the gradient uses
+  is the winning tap's number within its window (one byte, not PyTorch's 8-byte flat index).
+* Avg backward: work items are (plane, input row); each gathers its gradient from the
+  windows covering it, in output order, tap by tap over whole phase rows (vectorised), then
+  merges the phases.
+
+No element is written by two threads (no races, no atomics), and every summation order is
+fixed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from numba import njit, prange
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._window import col_range, first_tap
+from ._window import col_range, covering_rows, first_tap
 
 # Forward work is split into at most this many blocks per thread: enough to balance
 # uneven blocks, few enough that per-block scratch allocation is negligible.
@@ -51,16 +57,24 @@ def _phase_split(row, phases, sw):
 
 
 @njit(cache=True, nogil=True)
-def _tap(j, sw, pw, dw, w, wo):
-    """Tap j of the windows of an output row: outputs ow in [lo, hi) read input column
-    ``ow*sw - off``, which is ``row[ow - off]`` (sw == 1) or ``phases[r][ow + q]``."""
-    off = pw - j * dw
-    lo, hi = col_range(off, sw, w, wo)
-    r = (-off) % sw
-    return lo, hi, off, r, (-off - r) // sw
+def _tap_table(kw, sw, pw, dw, w, wo):
+    """Per tap j of the windows of an output row, (lo, hi, start, r): outputs ow in [lo, hi)
+    read input column ``ow*sw - pw + j*dw``, which is ``src[start + ow - lo]`` with src the
+    row itself (sw == 1) or its phase row ``phases[r]``. Computed once per call: the inner
+    loops then do no integer division."""
+    table = np.empty((kw, 4), dtype=np.int64)
+    for j in range(kw):
+        off = pw - j * dw
+        lo, hi = col_range(off, sw, w, wo)
+        r = (-off) % sw
+        table[j, 0] = lo
+        table[j, 1] = hi
+        table[j, 2] = lo - off if sw == 1 else lo + (-off - r) // sw
+        table[j, 3] = r
+    return table
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _max_into(src, y):
     for k in range(y.shape[0]):
         v = src[k]
@@ -68,15 +82,26 @@ def _max_into(src, y):
         y[k] = v if (v > c) | (v != v) else c
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _max_into_indexed(src, y, idx, first, step):
-    """As _max_into; a winning tap also records its index ``first + k*step``."""
+    """As _max_into; a winning tap also records its flat index ``first + k*step``."""
     for k in range(y.shape[0]):
         v = src[k]
         c = y[k]
         take = (v > c) | (v != v)
         y[k] = v if take else c
         idx[k] = first + k * step if take else idx[k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _max_into_coded(src, y, code, tap):
+    """As _max_into; a winning tap also records its number ``tap`` within the window."""
+    for k in range(y.shape[0]):
+        v = src[k]
+        c = y[k]
+        take = (v > c) | (v != v)
+        y[k] = v if take else c
+        code[k] = tap if take else code[k]
 
 
 @njit(cache=True, nogil=True)
@@ -89,12 +114,28 @@ def _first_taps(idx, ih0, w, wo, sw, pw, dw):
         idx[ow] = ih0 * w + first_tap(ow * sw - pw, dw)
 
 
+@njit(cache=True, nogil=True)
+def _first_codes(code, i0, kw, wo, sw, pw, dw):
+    """code[ow] = window number of the first valid tap of window ow, in kernel row i0."""
+    code[:] = i0 * kw
+    for ow in range(min(wo, (pw + sw - 1) // sw)):  # windows starting in the left padding
+        ws = ow * sw - pw
+        code[ow] = i0 * kw + (first_tap(ws, dw) - ws) // dw
+
+
+# What max_pool2d_forward records besides the maximum: nothing, the flat argmax in H*W (what
+# return_indices gives), or the argmax's tap number within its window (what the gradient
+# needs: 1 byte instead of 8).
+NO_INDICES, FLAT_INDICES, WINDOW_INDICES = 0, 1, 2
+
+
 @njit(cache=True, parallel=True)
-def _max_forward(x3, y3, idx3, with_indices, lowest, blocks, kh, kw, sh, sw, ph, pw, dh, dw):
-    """Max over each window; idx3 gets the argmax when ``with_indices``."""
+def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Max over each window; idx3 gets the argmax as ``mode`` says (unused for NO_INDICES)."""
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
+    taps = _tap_table(kw, sw, pw, dw, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
@@ -103,9 +144,11 @@ def _max_forward(x3, y3, idx3, with_indices, lowest, blocks, kh, kw, sh, sw, ph,
             y = y3[p, oh]
             y[:] = lowest
             hs = oh * sh - ph
-            idx = idx3[p if with_indices else 0, oh]
-            if with_indices:
+            idx = idx3[p if mode != NO_INDICES else 0, oh]
+            if mode == FLAT_INDICES:
                 _first_taps(idx, first_tap(hs, dh), w, wo, sw, pw, dw)
+            elif mode == WINDOW_INDICES:
+                _first_codes(idx, (first_tap(hs, dh) - hs) // dh, kw, wo, sw, pw, dw)
             for i in range(kh):
                 ih = hs + i * dh
                 if ih < 0 or ih >= h:
@@ -114,29 +157,42 @@ def _max_forward(x3, y3, idx3, with_indices, lowest, blocks, kh, kw, sh, sw, ph,
                 if sw > 1:
                     _phase_split(row, phases, sw)
                 for j in range(kw):
-                    lo, hi, off, r, q = _tap(j, sw, pw, dw, w, wo)
-                    # Two call sites rather than one on a merged array: each keeps its
-                    # source's contiguous layout, which the vectoriser needs.
-                    if with_indices:
-                        first = ih * w - off + lo * sw
-                        if sw == 1:
-                            _max_into_indexed(row[lo - off:hi - off], y[lo:hi], idx[lo:hi],
-                                              first, sw)
-                        else:
-                            _max_into_indexed(phases[r][lo + q:hi + q], y[lo:hi], idx[lo:hi],
-                                              first, sw)
-                    elif sw == 1:
-                        _max_into(row[lo - off:hi - off], y[lo:hi])
+                    lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
+                    src = row if sw == 1 else phases[taps[j, 3]]
+                    src = src[start:start + hi - lo]
+                    if mode == FLAT_INDICES:
+                        _max_into_indexed(src, y[lo:hi], idx[lo:hi],
+                                          ih * w + lo * sw - pw + j * dw, sw)
+                    elif mode == WINDOW_INDICES:
+                        _max_into_coded(src, y[lo:hi], idx[lo:hi], idx.dtype.type(i * kw + j))
                     else:
-                        _max_into(phases[r][lo + q:hi + q], y[lo:hi])
+                        _max_into(src, y[lo:hi])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _argmax_at(idx, ow, oh, window, tap_rows, tap_cols, h, w, sh, sw, ph, pw):
+    """Flat index in the plane of window (oh, ow)'s argmax: ``idx[ow]`` itself (flat indices)
+    or tap ``idx[ow]`` of the window (window indices); -1 if that names no input element
+    (indices not made by max_pool2d)."""
+    t = idx[ow]
+    if not window:
+        return t if 0 <= t < h * w else -1
+    if t < 0 or t >= tap_rows.shape[0]:
+        return -1
+    ih = oh * sh - ph + tap_rows[t]
+    iw = ow * sw - pw + tap_cols[t]
+    if ih < 0 or ih >= h or iw < 0 or iw >= w:
+        return -1
+    return ih * w + iw
 
 
 @njit(cache=True, parallel=True)
-def _max_backward(gy3, idx3, gx3, row_ok, col_ok, bad):
-    """Per plane, in output order: gx[idx[oh, ow]] += gy[oh, ow], for the windows that hold
-    at least one input element (``row_ok[oh] and col_ok[ow]``; a window wholly in the padding
-    has no input element to send its gradient to). An index outside the plane (indices not
-    made by max_pool2d) is skipped and flagged in ``bad[plane]``, never written through."""
+def _max_backward(gy3, idx3, gx3, window, tap_rows, tap_cols, sh, sw, ph, pw, row_ok, col_ok,
+                  bad):
+    """Per plane, in output order: gx[argmax] += gy[oh, ow] (see ``_argmax_at``), for the
+    windows that hold at least one input element (``row_ok[oh] and col_ok[ow]``; a window
+    wholly in the padding has no input element to send its gradient to). An index naming no
+    input element is skipped and flagged in ``bad[plane]``, never written through."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
     for p in prange(planes):
@@ -148,18 +204,19 @@ def _max_backward(gy3, idx3, gx3, row_ok, col_ok, bad):
             gy = gy3[p, oh]
             idx = idx3[p, oh]
             for ow in range(wo):
-                i = idx[ow]
                 if col_ok[ow]:
-                    if i < 0 or i >= h * w:
+                    i = _argmax_at(idx, ow, oh, window, tap_rows, tap_cols, h, w, sh, sw, ph, pw)
+                    if i < 0:
                         bad[p] = 1
                     else:
                         gx[i] += gy[ow]
 
 
 @njit(cache=True, parallel=True)
-def _max_double_backward(ggx3, idx3, ggy3, row_ok, col_ok, bad):
-    """The adjoint of ``_max_backward``: ggy[oh, ow] = ggx[idx[oh, ow]] for the windows that
-    hold an input element, else 0."""
+def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, ph, pw, row_ok,
+                         col_ok, bad):
+    """The adjoint of ``_max_backward``: ggy[oh, ow] = ggx[argmax] for the windows that hold
+    an input element, else 0."""
     planes, h, w = ggx3.shape
     ho, wo = ggy3.shape[1], ggy3.shape[2]
     for p in prange(planes):
@@ -168,50 +225,54 @@ def _max_double_backward(ggx3, idx3, ggy3, row_ok, col_ok, bad):
             out = ggy3[p, oh]
             idx = idx3[p, oh]
             for ow in range(wo):
-                i = idx[ow]
-                if not (row_ok[oh] and col_ok[ow]):
-                    out[ow] = 0
-                elif i < 0 or i >= h * w:
-                    bad[p] = 1
-                    out[ow] = 0
-                else:
-                    out[ow] = ggx[i]
+                out[ow] = 0
+                if row_ok[oh] and col_ok[ow]:
+                    i = _argmax_at(idx, ow, oh, window, tap_rows, tap_cols, h, w, sh, sw, ph, pw)
+                    if i < 0:
+                        bad[p] = 1
+                    else:
+                        out[ow] = ggx[i]
 
 
-@njit(cache=True, nogil=True)
-def _avg_divisor(oh, ow, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
-    """PyTorch's divisor: override, else the window clipped to the padded input (with padding)
-    or to the input (without)."""
-    if divisor > 0:
-        return divisor
-    hs = oh * sh - ph
-    ws = ow * sw - pw
-    he = min(hs + kh, h + ph)
-    we = min(ws + kw, w + pw)
-    if count_include_pad:
-        return (he - hs) * (we - ws)
-    return (min(he, h) - max(hs, 0)) * (min(we, w) - max(ws, 0))
-
-
-@njit(cache=True, nogil=True)
-def _avg_divisors(divs, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
-    """Fill divs (the data's dtype) with output row oh's divisors: float32 data must divide in
-    float32, as PyTorch does (float32 / int64 would compute in float64 in Numba)."""
-    for ow in range(divs.shape[0]):
-        divs[ow] = _avg_divisor(oh, ow, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
-
-
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _add_into(src, y):
     for k in range(y.shape[0]):
         y[k] += src[k]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _divisors(divs, oh, row_factors, col_factors):
+    """Window (oh, ow)'s divisor, in the data's dtype (float32 data divides in float32, as
+    PyTorch's does): PyTorch's divisor is a product of a row and a column factor."""
+    for ow in range(divs.shape[0]):
+        divs[ow] = row_factors[oh] * col_factors[ow]
+
+
+@njit(cache=True, nogil=True)
+def _phase_merge(phases, row, sw):
+    """The inverse of ``_phase_split``: row[m*sw + r] = phases[r, m]."""
+    w = row.shape[0]
+    if sw == 2:
+        half = w // 2
+        even, odd = phases[0], phases[1]
+        for m in range(half):
+            row[2 * m] = even[m]
+            row[2 * m + 1] = odd[m]
+        if w % 2:
+            row[w - 1] = even[half]
+    else:
+        for r in range(sw):
+            ph = phases[r]
+            for m in range((w - r + sw - 1) // sw):
+                row[m * sw + r] = ph[m]
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
+    taps = _tap_table(kw, sw, pw, 1, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         divs = np.empty(wo, dtype=y3.dtype)
@@ -229,40 +290,68 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, count_include_pad, divi
                 if sw > 1:
                     _phase_split(row, phases, sw)
                 for j in range(kw):
-                    lo, hi, off, r, q = _tap(j, sw, pw, 1, w, wo)
-                    if sw == 1:
-                        _add_into(row[lo - off:hi - off], y[lo:hi])
-                    else:
-                        _add_into(phases[r][lo + q:hi + q], y[lo:hi])
-            _avg_divisors(divs, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
+                    lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
+                    src = row if sw == 1 else phases[taps[j, 3]]
+                    _add_into(src[start:start + hi - lo], y[lo:hi])
+            _divisors(divs, oh, row_factors, col_factors)
             for ow in range(wo):
                 y[ow] /= divs[ow]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _avg_backward(gy3, gx3, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
-    """Per plane, in output order: every input element of window (oh, ow) gets
-    gy[oh, ow] / divisor added."""
+def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
+    """Per input row, gathered in output order: every input element of window (oh, ow) gets
+    gy[oh, ow] / divisor added, the windows taken row by row and, within a row, left to right
+    (for a fixed element a later tap means an earlier window, so taps run right to left).
+    Each tap adds a contiguous run of outputs into one phase of the row (see _phase_split)."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
-    for p in prange(planes):
-        gx = gx3[p]
-        gx[:] = 0
+    items = planes * h
+    taps = _tap_table(kw, sw, pw, 1, w, wo)
+    for b in prange(blocks):
+        phases = np.empty((sw, (w + sw - 1) // sw), dtype=gx3.dtype)
         g = np.empty(wo, dtype=gx3.dtype)
-        for oh in range(ho):
-            _avg_divisors(g, oh, h, w, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)
-            gy = gy3[p, oh]
-            for ow in range(wo):
-                g[ow] = gy[ow] / g[ow]
-            hs = oh * sh - ph
-            ih0, ih1 = max(hs, 0), min(hs + kh, h)
-            for ow in range(wo):
-                ws = ow * sw - pw
-                iw0, iw1 = max(ws, 0), min(ws + kw, w)
-                for ih in range(ih0, ih1):
-                    row = gx[ih]
-                    for iw in range(iw0, iw1):
-                        row[iw] += g[ow]
+        for item in range(b * items // blocks, (b + 1) * items // blocks):
+            p = item // h
+            ih = item % h
+            row = gx3[p, ih]
+            if sw == 1:
+                row[:] = 0
+            else:
+                phases[:] = 0
+            oh0, oh1 = covering_rows(ih, kh, sh, ph, 1, ho)
+            for oh in range(oh0, oh1):
+                _divisors(g, oh, row_factors, col_factors)
+                gy = gy3[p, oh]
+                for ow in range(wo):
+                    g[ow] = gy[ow] / g[ow]
+                for j in range(kw - 1, -1, -1):
+                    lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
+                    dst = row if sw == 1 else phases[taps[j, 3]]
+                    _add_into(g[lo:hi], dst[start:start + hi - lo])
+            if sw > 1:
+                _phase_merge(phases, row, sw)
+
+
+def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pad: bool):
+    """Per output position along one axis, its share of PyTorch's divisor: the window clipped
+    to the padded input (count_include_pad) or to the input."""
+    start = np.arange(out, dtype=np.int64) * s - pad
+    end = np.minimum(start + k, size + pad)
+    if count_include_pad:
+        return end - start
+    return np.minimum(end, size) - np.maximum(start, 0)
+
+
+def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_include_pad: bool,
+                         divisor_override: int | None):
+    """(row_factors, col_factors): window (oh, ow) divides by row[oh] * col[ow]."""
+    if divisor_override:
+        return (np.full(out_hw[0], divisor_override, dtype=np.int64),
+                np.ones(out_hw[1], dtype=np.int64))
+    h, w = input_shape[-2:]
+    return tuple(_avg_factors(out_hw[a], (h, w)[a], params.kernel[a], params.stride[a],
+                              params.padding[a], count_include_pad) for a in (0, 1))
 
 
 def _blocks(items: int) -> int:
@@ -280,25 +369,32 @@ def _planes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy().reshape(-1, h, w)
 
 
-@float32_for_half
-def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
-    """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices int64 (N, C, Ho, Wo) into H*W).
+_MODES = {"none": NO_INDICES, "flat": FLAT_INDICES, "window": WINDOW_INDICES}
 
-    Without ``with_indices`` the indices are not computed (None): a third less memory traffic.
+
+@float32_for_half
+def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "flat"):
+    """x (N, C, H, W) -> (output (N, C, Ho, Wo), indices (N, C, Ho, Wo) or None).
+
+    ``indices``: "flat" gives the argmax as int64 into H*W (``return_indices``); "window" as
+    its tap number in the window, row-major (``params.window_index_dtype``: what the gradient
+    needs, at an eighth of the memory traffic); "none" computes no indices.
     """
+    mode = _MODES[indices]
     n, c, h, w = x.shape
     ho, wo = params.output_hw((h, w))
     y = _runtime.empty((n, c, ho, wo), x.dtype)
+    idx_dtype = params.window_index_dtype if mode == WINDOW_INDICES else torch.int64
     # Without indices, a (1, 1, Ho, Wo) dummy keeps the kernel's row views valid; never read.
-    idx = _runtime.empty((n, c, ho, wo) if with_indices else (1, 1, ho, wo), torch.int64)
+    idx = _runtime.empty((n, c, ho, wo) if mode != NO_INDICES else (1, 1, ho, wo), idx_dtype)
     if y.numel():
         with parallel_region(n * c * ho):
             xn = _planes(x)
             lowest = -np.inf if x.dtype.is_floating_point else np.iinfo(xn.dtype).min
             _max_forward(xn, y.numpy().reshape(-1, ho, wo), idx.numpy().reshape(-1, *idx.shape[2:]),
-                         with_indices, xn.dtype.type(lowest), _blocks(n * c * ho),
+                         mode, xn.dtype.type(lowest), _blocks(n * c * ho),
                          *params.kernel, *params.stride, *params.padding, *params.dilation)
-    return y, idx if with_indices else None
+    return y, idx if mode != NO_INDICES else None
 
 
 def _windows_ok(input_shape, out_hw, params: Pool2dParams):
@@ -309,24 +405,36 @@ def _windows_ok(input_shape, out_hw, params: Pool2dParams):
                        params.dilation[1]))
 
 
-def _check_indices(bad: np.ndarray, op: str) -> None:
+def _window_taps(params: Pool2dParams):
+    """(tap_rows, tap_cols): tap t of a window sits this many rows and columns from its
+    window's top-left corner."""
+    kh, kw = params.kernel
+    t = np.arange(kh * kw, dtype=np.int64)
+    return (t // kw) * params.dilation[0], (t % kw) * params.dilation[1]
+
+
+def _check_indices(bad: np.ndarray, op: str, window: bool) -> None:
     if bad.any():
-        raise ArgumentError(f"{op}: indices hold values outside [0, H*W) of the input plane; "
-                            f"pass the indices max_pool2d returned")
+        what = ("window indices name taps outside the input" if window
+                else "indices hold values outside [0, H*W) of the input plane")
+        raise ArgumentError(f"{op}: {what}; pass the indices max_pool2d returned")
 
 
 @float32_for_half
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
                         params: Pool2dParams) -> torch.Tensor:
-    """grad_out and indices (N, C, Ho, Wo) -> grad_input (N, C, H, W)."""
+    """grad_out (N, C, Ho, Wo) and indices (N, C, Ho, Wo), flat (int64) or window ones ->
+    grad_input (N, C, H, W)."""
     n, c, h, w = input_shape
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
         bad = np.zeros(n * c, dtype=np.uint8)
+        window = indices.dtype != torch.int64
         with parallel_region(n * c):
             _max_backward(_planes(grad_out), _planes(indices), gx.numpy().reshape(-1, h, w),
+                          window, *_window_taps(params), *params.stride, *params.padding,
                           *_windows_ok(input_shape, grad_out.shape[-2:], params), bad)
-        _check_indices(bad, "max_pool2d_backward")
+        _check_indices(bad, "max_pool2d_backward", window)
     return gx
 
 
@@ -340,11 +448,13 @@ def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Ten
     out = _runtime.empty((n, c, ho, wo), grad_grad_input.dtype)
     if out.numel():
         bad = np.zeros(n * c, dtype=np.uint8)
+        window = indices.dtype != torch.int64
         with parallel_region(n * c):
             _max_double_backward(_planes(grad_grad_input), _planes(indices),
-                                 out.numpy().reshape(-1, ho, wo),
+                                 out.numpy().reshape(-1, ho, wo), window, *_window_taps(params),
+                                 *params.stride, *params.padding,
                                  *_windows_ok((h, w), (ho, wo), params), bad)
-        _check_indices(bad, "max_pool2d_double_backward")
+        _check_indices(bad, "max_pool2d_double_backward", window)
     return out
 
 
@@ -356,10 +466,11 @@ def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad:
     ho, wo = params.output_hw((h, w))
     y = _runtime.empty((n, c, ho, wo), x.dtype)
     if y.numel():
+        factors = _avg_divisor_factors(x.shape, (ho, wo), params, count_include_pad,
+                                       divisor_override)
         with parallel_region(n * c * ho):
             _avg_forward(_planes(x), y.numpy().reshape(-1, ho, wo), _blocks(n * c * ho),
-                         *params.kernel, *params.stride, *params.padding, count_include_pad,
-                         divisor_override or 0)
+                         *params.kernel, *params.stride, *params.padding, *factors)
     return y
 
 
@@ -370,8 +481,9 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
     n, c, h, w = input_shape
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
-        with parallel_region(n * c):
-            _avg_backward(_planes(grad_out), gx.numpy().reshape(-1, h, w), *params.kernel,
-                          *params.stride, *params.padding, count_include_pad,
-                          divisor_override or 0)
+        factors = _avg_divisor_factors(input_shape, grad_out.shape[-2:], params,
+                                       count_include_pad, divisor_override)
+        with parallel_region(n * c * h):
+            _avg_backward(_planes(grad_out), gx.numpy().reshape(-1, h, w), _blocks(n * c * h),
+                          *params.kernel, *params.stride, *params.padding, *factors)
     return gx

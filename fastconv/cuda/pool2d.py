@@ -20,14 +20,21 @@ GEOMETRY = np.dtype([(name, np.int32) for name in (
 assert GEOMETRY.itemsize == 60  # sizeof(PoolGeometry) in fastconv_common.cuh
 
 
+# How each kind of argmax is stored (see ArgKind in pool2d.cu): none, flat int64 into H*W, or
+# the winning tap's number within its window.
+_ARG_TYPES = {None: "void", torch.int64: "long long", torch.uint8: "unsigned char",
+              torch.int32: "int"}
+
+
 @L.register("pool2d")
 def _instantiations(dtype):
     t = L.CTYPES[dtype]
     for index in L.INDEX_TYPES:
-        yield L.expr("max_pool2d_forward", t, index, False)
-        yield L.expr("max_pool2d_forward", t, index, True)
-        yield L.expr("max_pool2d_backward", t, index)
-        yield L.expr("max_pool2d_double_backward", t, index)
+        for arg in _ARG_TYPES.values():
+            if arg != "void":
+                yield L.expr("max_pool2d_backward", t, index, arg)
+                yield L.expr("max_pool2d_double_backward", t, index, arg)
+            yield L.expr("max_pool2d_forward", t, index, arg)
         yield L.expr("avg_pool2d_forward", t, index)
         yield L.expr("avg_pool2d_backward", t, index)
 
@@ -50,16 +57,18 @@ def _run(name: str, out: torch.Tensor, args, template=()) -> torch.Tensor:
     return out
 
 
-def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, with_indices: bool = True):
-    """x (N, C, H, W) -> (y, indices) of shape (N, C, Ho, Wo); indices int64 into H*W, or None
-    when ``with_indices`` is False."""
+def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "flat"):
+    """x (N, C, H, W) -> (y, indices) of shape (N, C, Ho, Wo); ``indices`` "flat" (int64 into
+    H*W), "window" (the winning tap's number in its window, ``params.window_index_dtype``) or
+    "none" (None)."""
     x = x.contiguous()
     n, c, h, w = x.shape
     ho, wo = params.output_hw((h, w))
     y = L.empty((n, c, ho, wo), x)
-    idx = L.empty((n, c, ho, wo), x, torch.int64) if with_indices else None
+    dtype = {"none": None, "flat": torch.int64, "window": params.window_index_dtype}[indices]
+    idx = None if dtype is None else L.empty((n, c, ho, wo), x, dtype)
     _run("max_pool2d_forward", y, (x, y, idx, _geometry(x.shape, (ho, wo), params)),
-         (with_indices,))
+         (_ARG_TYPES[dtype],))
     return y, idx
 
 
@@ -69,7 +78,8 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
     grad_out, indices = grad_out.contiguous(), indices.contiguous()
     gx = L.empty(input_shape, grad_out)
     return _run("max_pool2d_backward", gx,
-                (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)))
+                (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)),
+                (_ARG_TYPES[indices.dtype],))
 
 
 def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Tensor,
@@ -79,7 +89,8 @@ def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Ten
     ggx, indices = grad_grad_input.contiguous(), indices.contiguous()
     out = L.empty(tuple(indices.shape), ggx)
     return _run("max_pool2d_double_backward", out,
-                (ggx, indices, out, _geometry(ggx.shape, indices.shape[2:], params)))
+                (ggx, indices, out, _geometry(ggx.shape, indices.shape[2:], params)),
+                (_ARG_TYPES[indices.dtype],))
 
 
 def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad: bool,

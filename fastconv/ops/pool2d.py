@@ -2,10 +2,13 @@
 
 Operators (``torch.ops.fastconv.<name>``), batched (N, C, H, W), options as pairs:
 
-* ``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices)
-  -> (output, indices)``: indices (int64 into H*W) are computed only ``with_indices``, else
-  an empty tensor is returned in their place;
-* ``max_pool2d_backward(grad_output, indices, input_size, ...)``: a scatter to the argmax;
+* ``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, indices)
+  -> (output, indices)``: ``indices`` says which argmax to return: "flat" (int64 into H*W,
+  what ``return_indices`` gives), "window" (the winning tap's row-major number within its
+  window, uint8 up to 256 taps else int32: all the gradient needs, at an eighth of the
+  memory traffic) or "none" (an empty tensor in their place);
+* ``max_pool2d_backward(grad_output, indices, input_size, ...)``: a scatter to the argmax,
+  from flat or window indices;
 * ``max_pool2d_double_backward(grad_grad_input, indices, ...)``: its adjoint, a gather at the
   argmax, which makes max pooling differentiable to any order;
 * ``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -43,15 +46,20 @@ def _check_divisor(divisor_override, op: str = "avg_pool2d") -> None:
                             f"got {divisor_override!r}")
 
 
-def _check_indices(indices, grad, shape, op: str) -> None:
-    """``indices`` are int64 of ``shape`` on ``grad``'s device."""
+_INDEX_MODES = ("none", "flat", "window")
+
+
+def _check_indices(indices, grad, shape, params, op: str) -> None:
+    """``indices`` are flat (int64) or window (``params.window_index_dtype``) indices of
+    ``shape`` on ``grad``'s device."""
     if not isinstance(indices, torch.Tensor):
         raise ArgumentError(f"{op}: indices must be a torch.Tensor, got "
                             f"{type(indices).__name__}")
     check_layout("indices", indices, op)
-    if indices.dtype != torch.int64:
-        raise DTypeError(f"{op}: indices must be int64 (as max_pool2d returns them), got "
-                         f"{indices.dtype}")
+    if indices.dtype not in (torch.int64, params.window_index_dtype):
+        raise DTypeError(f"{op}: indices must be int64 (flat, as max_pool2d returns them) or "
+                         f"{params.window_index_dtype} (window indices for kernel_size="
+                         f"{params.kernel}), got {indices.dtype}")
     if indices.device != grad.device:
         raise DeviceError(f"{op}: indices are on {indices.device} but the gradient is on "
                           f"{grad.device}; both must be on the same device")
@@ -80,47 +88,56 @@ def _max_params(kernel_size, stride, padding, dilation, ceil_mode, op="max_pool2
     return pool2d_params(kernel_size, stride, padding, dilation, ceil_mode, op=op)
 
 
-def _max_forward(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices):
+def _max_forward_check(input, kernel_size, stride, padding, dilation, ceil_mode, indices):
     params = _max_params(kernel_size, stride, padding, dilation, ceil_mode)
+    if indices not in _INDEX_MODES:
+        raise ArgumentError(f"max_pool2d: indices must be one of {', '.join(_INDEX_MODES)}, "
+                            f"got {indices!r}")
     _check_batched(input, "input", "max_pool2d")
-    check_pool2d(input, params, "max_pool2d", integers=True)
+    shape = check_pool2d(input, params, "max_pool2d", integers=True)
+    index_dtype = params.window_index_dtype if indices == "window" else torch.int64
+    return params, shape, index_dtype
+
+
+def _max_forward(input, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    params, _shape, index_dtype = _max_forward_check(input, kernel_size, stride, padding,
+                                                     dilation, ceil_mode, indices)
     engine = _library.engine_for(input, "max_pool2d").pool2d
     fmt = output_format(input)
     with op_range("fastconv.max_pool2d.forward", input):
-        y, idx = engine.max_pool2d_forward(input, params, with_indices=with_indices)
+        y, idx = engine.max_pool2d_forward(input, params, indices=indices)
     if idx is None:
-        return in_format(y, fmt), y.new_empty(0, dtype=torch.int64)
+        return in_format(y, fmt), y.new_empty(0, dtype=index_dtype)
     return in_format(y, fmt), in_format(idx, fmt)
 
 
-def _max_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode, with_indices):
-    params = _max_params(kernel_size, stride, padding, dilation, ceil_mode)
-    _check_batched(input, "input", "max_pool2d")
-    shape = check_pool2d(input, params, "max_pool2d", integers=True)
+def _max_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    _params, shape, index_dtype = _max_forward_check(input, kernel_size, stride, padding,
+                                                     dilation, ceil_mode, indices)
     fmt = output_format(input)
-    indices = fake_output(input, shape, fmt, torch.int64) if with_indices \
-        else input.new_empty(0, dtype=torch.int64)
-    return fake_output(input, shape, fmt), indices
+    argmax = input.new_empty(0, dtype=index_dtype) if indices == "none" \
+        else fake_output(input, shape, fmt, index_dtype)
+    return fake_output(input, shape, fmt), argmax
 
 
 def _max_forward_setup(ctx, inputs, output):
-    input, *options, with_indices = inputs
+    input, *options, indices = inputs
     ctx.options = options
     ctx.input_size = input.shape[-2:]
-    ctx.with_indices = with_indices
+    ctx.indices = indices
     ctx.save_for_backward(output[1] if ctx.needs_input_grad[0] else None)
 
 
 def _max_forward_backward(ctx, grad, _grad_indices):
-    if not ctx.with_indices:
-        raise RuntimeError("fastconv::max_pool2d: called with with_indices=False, but its "
-                           "gradient needs the indices")
+    if ctx.indices == "none":
+        raise RuntimeError("fastconv::max_pool2d: called with indices='none', but its "
+                           "gradient needs the indices ('window' or 'flat')")
     (indices,) = ctx.saved_tensors
     return (ops.max_pool2d_backward(grad, indices, ctx.input_size, *ctx.options),
             None, None, None, None, None, None)
 
 
-define(f"max_pool2d(Tensor input, {_MAX_OPTIONS}, bool with_indices) -> (Tensor, Tensor)",
+define(f"max_pool2d(Tensor input, {_MAX_OPTIONS}, str indices) -> (Tensor, Tensor)",
        _max_forward, _max_forward_fake, _max_forward_backward, _max_forward_setup)
 
 
@@ -129,7 +146,7 @@ def _max_backward_check(grad_output, indices, input_size, kernel_size, stride, p
     op = "max_pool2d_backward"
     params = _max_params(kernel_size, stride, padding, dilation, ceil_mode, op)
     input_shape = _check_grad_output(grad_output, input_size, params, op)
-    _check_indices(indices, grad_output, grad_output.shape, op)
+    _check_indices(indices, grad_output, grad_output.shape, params, op)
     return Checked(grad_output, input_shape, output_format(grad_output), params)
 
 
@@ -162,7 +179,7 @@ def _max_double_check(grad_grad_input, indices, kernel_size, stride, padding, di
     params = _max_params(kernel_size, stride, padding, dilation, ceil_mode, op)
     _check_batched(grad_grad_input, "grad_grad_input", op)
     shape = check_pool2d(grad_grad_input, params, op)
-    _check_indices(indices, grad_grad_input, shape, op)
+    _check_indices(indices, grad_grad_input, shape, params, op)
     return Checked(grad_grad_input, shape, output_format(grad_grad_input), params)
 
 
@@ -278,7 +295,8 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
         ceil_mode: round the output size up; the last window must start inside the input
             or the left/top padding.
         return_indices: also return the argmax of each window as an int64 index into the
-            flattened H*W plane, as ``torch.nn.functional.max_unpool2d`` expects.
+            flattened H*W plane, as ``torch.nn.functional.max_unpool2d`` expects. (For the
+            gradient alone, a one-byte argmax within the window is kept instead.)
 
     NaN propagates: a window holding NaN outputs NaN (its index is the last NaN's).
     Returns (N, C, Ho, Wo), or ``(output, indices)``; channels_last if input is.
@@ -287,11 +305,13 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     if not (isinstance(input, torch.Tensor) and input.dim() == 4):
         # The operator checks batched input; here errors name the caller's shapes and types.
         check_pool2d(input, params, "max_pool2d", integers=True)
-    # Without a gradient to compute or indices to return, the indices are never written.
-    with_indices = return_indices or (input.requires_grad and torch.is_grad_enabled())
+    # The gradient needs only each window's winning tap (one byte); without a gradient to
+    # compute or indices to return, no argmax is written at all.
+    mode = "flat" if return_indices else \
+        "window" if input.requires_grad and torch.is_grad_enabled() else "none"
     output, indices = _batched(ops.max_pool2d, input, list(params.kernel), list(params.stride),
                                list(params.padding), list(params.dilation), params.ceil_mode,
-                               with_indices)
+                               mode)
     return (output, indices) if return_indices else output
 
 
