@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -163,6 +167,51 @@ def _demo_resnet() -> int:
     return 0 if close and trained else 1
 
 
+def _numba_cache() -> tuple[str, int]:
+    """Where the CPU engine's compiled kernels are cached on disk, and how many are there."""
+    import numba
+
+    import fastconv.cpu
+
+    folder = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR \
+        else Path(fastconv.cpu.__file__).parent / "__pycache__"
+    return str(folder), len(list(folder.glob("*.nbi"))) if folder.is_dir() else 0
+
+
+def first_call_seconds(cache_dir: str | None = None) -> dict[str, float]:
+    """``fastconv._first_call`` in a fresh process: seconds to import and for each first call;
+    with ``cache_dir``, Numba's cache is that folder (empty: a cold compile)."""
+    from fastconv._first_call import PROBE
+
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    result = subprocess.run([sys.executable, "-c", PROBE], env=env,
+                            capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"fastconv._first_call failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _first_call_rows():
+    """Rows for ``fastconv info --first-call``: a cold compile (an empty cache folder), then a
+    new process with the real cache warm (run once first, in case it was not)."""
+    def summary(seconds):
+        calls = {k: v for k, v in seconds.items() if k != "import"}
+        slowest = max(calls, key=calls.get)
+        return (f"{sum(calls.values()):.2f} s for the {len(calls)} first calls (slowest: "
+                f"{slowest}, {calls[slowest]:.2f} s), after {seconds['import']:.2f} s of import")
+
+    with console.status("first calls with an empty Numba cache (compiling everything)..."):
+        with tempfile.TemporaryDirectory() as empty:
+            cold = first_call_seconds(empty)
+    with console.status("first calls with the Numba cache warm..."):
+        first_call_seconds()
+        warm = first_call_seconds()
+    return [("first calls, cold cache", summary(cold)),
+            ("first calls, warm cache", summary(warm))]
+
+
 def info(args) -> int:
     from fastconv.cpu import _runtime
     import fastconv.cuda
@@ -203,6 +252,11 @@ def info(args) -> int:
         runtime = cupy.cuda.runtime.runtimeGetVersion()
         table.add_row("NVRTC / CUDA runtime (CuPy)",
                       f"{nvrtc} / {runtime // 1000}.{runtime % 1000 // 10}")
+    cache, entries = _numba_cache()
+    table.add_row("Numba cache", f"{cache} ({entries} compiled kernels)")
+    if args.first_call:
+        for label, row in _first_call_rows():
+            table.add_row(label, row)
     ok, reason = fastconv.cuda.available()
     table.add_row("CUDA engine", "usable: kernels compile on first use (NVRTC) and are cached "
                   "by CuPy" if ok else f"not usable: {reason}")
@@ -325,6 +379,9 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="rows of the summary per model")
     p.set_defaults(func=profile)
     p = sub.add_parser("info", help="versions, engines and why an engine is unusable")
+    p.add_argument("--first-call", action="store_true",
+                   help="also time a new process's first calls: with an empty Numba cache "
+                        "(the cold compile, about a minute) and with the cache warm")
     p.set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)

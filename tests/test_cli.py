@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastconv import cli
@@ -33,12 +34,38 @@ def test_info_reports_engines(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     for text in ["torch", "numba", "threading layer", "BLAS", "CPU engine", "CuPy", "GPU",
-                 "CUDA engine", "CUDA sources"]:
+                 "CUDA engine", "CUDA sources", "Numba cache"]:
         assert text in out, text
+    assert "first calls" not in out  # only with --first-call
     import fastconv.cuda
 
     ok, reason = fastconv.cuda.available()
     assert ("usable: kernels compile" in out) if ok else ("not usable" in out)
+
+
+FIRST_CALLS = ["conv2d 3x3 (Winograd)", "conv2d 3x3 stride 2", "conv2d 5x5", "conv2d 1x1",
+               "conv2d depthwise", "max_pool2d", "avg_pool2d"]
+
+
+@pytest.mark.slow
+def test_info_first_call_reports_cold_and_warm_cache(capsys, tmp_path, monkeypatch):
+    """The cold compile really compiles: it fills an empty cache folder, and a second process
+    on that folder finds every kernel there and compiles nothing new."""
+    cold = cli.first_call_seconds(str(tmp_path))
+    assert list(cold) == ["import", *FIRST_CALLS] and all(v > 0 for v in cold.values())
+    cached = sorted(p.name for p in tmp_path.rglob("*.nbc"))
+    assert len(cached) > 20
+    warm = cli.first_call_seconds(str(tmp_path))
+    assert list(warm) == list(cold)
+    assert sorted(p.name for p in tmp_path.rglob("*.nbc")) == cached  # nothing recompiled
+    # The command's report of those two runs (measured above; one cold compile is enough).
+    runs = iter([cold, warm, warm])
+    monkeypatch.setattr(cli, "first_call_seconds", lambda cache_dir=None: next(runs))
+    assert cli.main(["info", "--first-call"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ["first calls, cold cache", f"{sum(cold.values()) - cold['import']:.2f} s",
+                 "first calls, warm cache", f"{warm['import']:.2f} s of import"]:
+        assert text in out, text
 
 
 def test_console_script_entry_point():
