@@ -1,7 +1,15 @@
-"""Window index math shared by the CPU kernels (conv2d's im2col and the pooling kernels)."""
+"""Window index math shared by the CPU kernels (conv2d's im2col and the pooling kernels).
+
+A strided window's taps read every ``stride``-th input column. Split an input row into
+``stride`` phase rows (``phase_split``) and each tap of a whole output row becomes one
+contiguous slice of one phase (``tap_table``): a vectorised loop instead of a strided gather
+(the pooling kernels). ``phase_merge`` is the inverse, for gradients gathered per phase.
+(conv2d's strided im2col keeps its direct gather: phase rows measured no faster there.)
+"""
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -37,3 +45,59 @@ def front(buf, rows, cols):
     """C-contiguous (rows, cols) view of the first rows*cols elements of contiguous ``buf``:
     a scratch buffer sized for the largest chunk serves the shorter last one as is."""
     return buf.ravel()[:rows * cols].reshape(rows, cols)
+
+
+@njit(cache=True, nogil=True)
+def phase_split(row, phases, sw):
+    """phases[r, m] = row[m*sw + r]: strided taps become contiguous slices of one phase."""
+    w = row.shape[0]
+    if sw == 2:  # the common case, written out so LLVM vectorises the interleaved loads
+        half = w // 2
+        even, odd = phases[0], phases[1]
+        for m in range(half):
+            even[m] = row[2 * m]
+            odd[m] = row[2 * m + 1]
+        if w % 2:
+            even[half] = row[w - 1]
+    else:
+        for r in range(sw):
+            ph = phases[r]
+            for m in range((w - r + sw - 1) // sw):
+                ph[m] = row[m * sw + r]
+
+
+@njit(cache=True, nogil=True)
+def tap_table(kw, sw, pw, dw, w, wo):
+    """Per tap j of the windows of an output row, (lo, hi, start, r): outputs ow in [lo, hi)
+    read input column ``ow*sw - pw + j*dw``, which is ``src[start + ow - lo]`` with src the
+    row itself (sw == 1) or its phase row ``phases[r]``. Computed once per call: the inner
+    loops then do no integer division."""
+    table = np.empty((kw, 4), dtype=np.int64)
+    for j in range(kw):
+        off = pw - j * dw
+        lo, hi = col_range(off, sw, w, wo)
+        r = (-off) % sw
+        table[j, 0] = lo
+        table[j, 1] = hi
+        table[j, 2] = lo - off if sw == 1 else lo + (-off - r) // sw
+        table[j, 3] = r
+    return table
+
+
+@njit(cache=True, nogil=True)
+def phase_merge(phases, row, sw):
+    """The inverse of ``phase_split``: row[m*sw + r] = phases[r, m]."""
+    w = row.shape[0]
+    if sw == 2:
+        half = w // 2
+        even, odd = phases[0], phases[1]
+        for m in range(half):
+            row[2 * m] = even[m]
+            row[2 * m + 1] = odd[m]
+        if w % 2:
+            row[w - 1] = even[half]
+    else:
+        for r in range(sw):
+            ph = phases[r]
+            for m in range((w - r + sw - 1) // sw):
+                row[m * sw + r] = ph[m]

@@ -30,48 +30,11 @@ from numba import njit, prange
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._window import col_range, covering_rows, first_tap
+from ._window import covering_rows, first_tap, phase_merge, phase_split, tap_table
 
 # Forward work is split into at most this many blocks per thread: enough to balance
 # uneven blocks, few enough that per-block scratch allocation is negligible.
 _BLOCKS_PER_THREAD = 64
-
-
-@njit(cache=True, nogil=True)
-def _phase_split(row, phases, sw):
-    """phases[r, m] = row[m*sw + r]: strided taps become contiguous slices of one phase."""
-    w = row.shape[0]
-    if sw == 2:  # the common case, written out so LLVM vectorises the interleaved loads
-        half = w // 2
-        even, odd = phases[0], phases[1]
-        for m in range(half):
-            even[m] = row[2 * m]
-            odd[m] = row[2 * m + 1]
-        if w % 2:
-            even[half] = row[w - 1]
-    else:
-        for r in range(sw):
-            ph = phases[r]
-            for m in range((w - r + sw - 1) // sw):
-                ph[m] = row[m * sw + r]
-
-
-@njit(cache=True, nogil=True)
-def _tap_table(kw, sw, pw, dw, w, wo):
-    """Per tap j of the windows of an output row, (lo, hi, start, r): outputs ow in [lo, hi)
-    read input column ``ow*sw - pw + j*dw``, which is ``src[start + ow - lo]`` with src the
-    row itself (sw == 1) or its phase row ``phases[r]``. Computed once per call: the inner
-    loops then do no integer division."""
-    table = np.empty((kw, 4), dtype=np.int64)
-    for j in range(kw):
-        off = pw - j * dw
-        lo, hi = col_range(off, sw, w, wo)
-        r = (-off) % sw
-        table[j, 0] = lo
-        table[j, 1] = hi
-        table[j, 2] = lo - off if sw == 1 else lo + (-off - r) // sw
-        table[j, 3] = r
-    return table
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -135,7 +98,7 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
-    taps = _tap_table(kw, sw, pw, dw, w, wo)
+    taps = tap_table(kw, sw, pw, dw, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
@@ -155,7 +118,7 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
                     continue
                 row = x3[p, ih]
                 if sw > 1:
-                    _phase_split(row, phases, sw)
+                    phase_split(row, phases, sw)
                 for j in range(kw):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
                     src = row if sw == 1 else phases[taps[j, 3]]
@@ -248,31 +211,12 @@ def _divisors(divs, oh, row_factors, col_factors):
         divs[ow] = row_factors[oh] * col_factors[ow]
 
 
-@njit(cache=True, nogil=True)
-def _phase_merge(phases, row, sw):
-    """The inverse of ``_phase_split``: row[m*sw + r] = phases[r, m]."""
-    w = row.shape[0]
-    if sw == 2:
-        half = w // 2
-        even, odd = phases[0], phases[1]
-        for m in range(half):
-            row[2 * m] = even[m]
-            row[2 * m + 1] = odd[m]
-        if w % 2:
-            row[w - 1] = even[half]
-    else:
-        for r in range(sw):
-            ph = phases[r]
-            for m in range((w - r + sw - 1) // sw):
-                row[m * sw + r] = ph[m]
-
-
 @njit(cache=True, parallel=True, error_model="numpy")
 def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
-    taps = _tap_table(kw, sw, pw, 1, w, wo)
+    taps = tap_table(kw, sw, pw, 1, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         divs = np.empty(wo, dtype=y3.dtype)
@@ -288,7 +232,7 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
                     continue
                 row = x3[p, ih]
                 if sw > 1:
-                    _phase_split(row, phases, sw)
+                    phase_split(row, phases, sw)
                 for j in range(kw):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
                     src = row if sw == 1 else phases[taps[j, 3]]
@@ -303,11 +247,11 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
     """Per input row, gathered in output order: every input element of window (oh, ow) gets
     gy[oh, ow] / divisor added, the windows taken row by row and, within a row, left to right
     (for a fixed element a later tap means an earlier window, so taps run right to left).
-    Each tap adds a contiguous run of outputs into one phase of the row (see _phase_split)."""
+    Each tap adds a contiguous run of outputs into one phase of the row (see phase_split)."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
     items = planes * h
-    taps = _tap_table(kw, sw, pw, 1, w, wo)
+    taps = tap_table(kw, sw, pw, 1, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=gx3.dtype)
         g = np.empty(wo, dtype=gx3.dtype)
@@ -330,7 +274,7 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
                     dst = row if sw == 1 else phases[taps[j, 3]]
                     _add_into(g[lo:hi], dst[start:start + hi - lo])
             if sw > 1:
-                _phase_merge(phases, row, sw)
+                phase_merge(phases, row, sw)
 
 
 def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pad: bool):
