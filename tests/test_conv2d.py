@@ -221,6 +221,37 @@ def test_depthwise_paths(device, shapes):
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, torch.float64, x, w, b), opts)
 
 
+POINTWISE_PACKED = [  # (input, weight, options): 1x1 layers on planes small enough that the
+    # CPU engine packs several images into one GEMM (see _pointwise_per)
+    ((8, 16, 7, 7), (24, 16, 1, 1), {}),                   # 4 + 4 images: one block a thread
+    ((7, 6, 5, 3), (9, 6, 1, 1), {}),                      # uneven blocks
+    ((5, 8, 4, 4), (6, 4, 1, 1), dict(groups=2)),          # groups
+    ((9, 4, 1, 1), (3, 4, 1, 1), {}),                      # 1x1 planes: many images a GEMM
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", POINTWISE_PACKED, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pointwise_packed_layers(dtype, shapes):
+    """Forward (with bias) and both gradients, with images packed side by side per GEMM; and
+    the packing really happens for these shapes."""
+    from fastconv._args import conv2d_params
+    from fastconv.cpu.conv2d import _pointwise_per
+
+    xs, ws, opts = shapes
+    params = conv2d_params(ws[2:], **opts)
+    assert _pointwise_per(params, ws[2:], xs[2:], xs[2:], xs[0]) > 1
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    # Run to run, bitwise (the weight gradient's chunks and packing depend only on shapes and
+    # the thread count).
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    grad = torch.randn(xs[0], ws[0], *xs[2:], generator=gen, dtype=dtype)
+    runs = [torch.autograd.grad(fastconv.conv2d(*leaves, **opts), leaves, grad) for _ in range(2)]
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
 WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine runs as Winograd
     ((2, 8, 9, 7), (8, 8, 3, 3), dict(padding=1)),        # odd output: partial last tiles
     ((1, 16, 6, 11), (12, 16, 3, 3), {}),                  # no padding

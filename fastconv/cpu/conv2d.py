@@ -5,7 +5,8 @@ input), direct kernels on zero-padded planes (see "depthwise" below). Otherwise,
 item (image n, group g), chunks of whole output rows (~256 columns) are
 im2col-ed into a (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and
 multiplied by the (C_out/groups, K) weight with BLAS. A 1x1 kernel with stride 1 and no padding
-skips im2col: the input already is that matrix.
+skips im2col: the input already is that matrix; on small planes (at most half a chunk) several
+images are packed side by side into one GEMM.
 
 Parallelism and determinism:
 * forward and grad_input: work items (n, g) write disjoint output slices, so ``prange`` over
@@ -301,6 +302,84 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
                 gy[:, :] = gy4[n, g][:, oh0 * wo:oh0 * wo + q]
                 np.dot(gy, col.T, tmp)
                 acc += tmp
+
+
+# 1x1 layers on small planes (ResNet's 7x7 stage): one GEMM per image has too few columns (49)
+# for BLAS to run well, and the weight gradient's per-image products each need a temporary
+# and an addition. Images are packed side by side instead, up to _CHUNK_COLUMNS columns.
+@njit(cache=True, nogil=True)
+def _pack_images(a4, n0, cnt, g, packed):
+    """packed[:, i*HW:(i+1)*HW] = a4[n0 + i, g] (a (K, HW) matrix per image)."""
+    hw = a4.shape[3]
+    for i in range(cnt):
+        packed[:, i * hw:(i + 1) * hw] = a4[n0 + i, g]
+
+
+@njit(cache=True, parallel=True)
+def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, per):
+    """out4[n, g] = mat3[g] @ a4[n, g] (``mat3[g].T`` with ``transpose``), plus the bias, for
+    ``per`` images per GEMM. a4 (N, G, Ka, HW), out4 (N, G, M, HW)."""
+    n_img, groups, ka, hw = a4.shape
+    m = out4.shape[2]
+    blocks = (n_img + per - 1) // per
+    for item in prange(blocks * groups):
+        b = item // groups
+        g = item % groups
+        n0 = b * per
+        cnt = min(n_img, n0 + per) - n0
+        packed = np.empty((ka, cnt * hw), dtype=a4.dtype)
+        result = np.empty((m, cnt * hw), dtype=a4.dtype)
+        _pack_images(a4, n0, cnt, g, packed)
+        if transpose:
+            np.dot(mat3[g].T, packed, result)
+        else:
+            np.dot(mat3[g], packed, result)
+        for i in range(cnt):
+            out = out4[n0 + i, g]
+            out[:, :] = result[:, i * hw:(i + 1) * hw]
+            if has_bias:
+                for oc in range(m):
+                    out[oc] += b2[g, oc]
+
+
+@njit(cache=True, parallel=True)
+def _pointwise_weight_packed(gy4, x4, part, per):
+    """part (P, G, C_out/G, C_in/G): chunk p's sum over its images of gy @ x.T, ``per`` images
+    per GEMM; a chunk of at most ``per`` images is one GEMM straight into its sum."""
+    n_img, groups, m, hw = gy4.shape
+    k = x4.shape[2]
+    chunks = part.shape[0]
+    for item in prange(chunks * groups):
+        p = item // groups
+        g = item % groups
+        acc = part[p, g]
+        a, b = p * n_img // chunks, (p + 1) * n_img // chunks
+        if a == b:
+            acc[:] = 0
+            continue
+        tmp = np.empty_like(acc) if b - a > per else acc
+        for n0 in range(a, b, per):
+            cnt = min(b, n0 + per) - n0
+            gp = np.empty((m, cnt * hw), dtype=gy4.dtype)
+            xp = np.empty((k, cnt * hw), dtype=gy4.dtype)
+            _pack_images(gy4, n0, cnt, g, gp)
+            _pack_images(x4, n0, cnt, g, xp)
+            if n0 == a:
+                np.dot(gp, xp.T, acc)
+            else:
+                np.dot(gp, xp.T, tmp)
+                acc += tmp
+
+
+def _pointwise_per(params: Conv2dParams, kernel_hw, in_hw, out_hw, n: int) -> int:
+    """Images per GEMM for a direct (1x1) layer: 1 unless its planes are small, then as many
+    as fill about _CHUNK_COLUMNS columns, balanced so every thread gets a block."""
+    hw = out_hw[0] * out_hw[1]
+    if not _is_direct(params, kernel_hw, in_hw, out_hw) or 2 * hw > _CHUNK_COLUMNS:
+        return 1
+    per = max(1, min(n, _CHUNK_COLUMNS // hw))
+    blocks = max(-(-n // per), min(n, engine_threads()))
+    return -(-n // blocks)
 
 
 @njit(cache=True, parallel=True)
@@ -880,6 +959,13 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left, params.dilation)
         return y
     b2 = b1.reshape(g, -1)
+    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
+    if per > 1:
+        with parallel_region(-(-n // per) * g):
+            _pointwise_packed(xn.reshape(n, g, cin_g, h * w),
+                              _np(weight).reshape(g, c_out // g, -1), b2, y.numpy().reshape(n, g, c_out // g, ho * wo),
+                              bias is not None, False, per)
+        return y
     with parallel_region(n * g):
         _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
                  y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
@@ -912,6 +998,14 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
         with parallel_region(n * c_in):
             _depthwise_backward_input(_np(grad_out), _np(weight).reshape(c_out, kh, kw),
                                       gx.numpy(), *_depthwise_geometry(params, (kh, kw)))
+        return gx
+    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
+    if per > 1:
+        with parallel_region(-(-n // per) * g):
+            _pointwise_packed(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
+                              _np(weight).reshape(g, c_out // g, -1),
+                              np.zeros((g, cin_g), dtype=gx.numpy().dtype),
+                              gx.numpy().reshape(n, g, cin_g, h * w), False, True, per)
         return gx
     with parallel_region(n * g):
         _backward_input(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
@@ -957,11 +1051,16 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     # Enough chunks to keep every thread busy; fixed for a given thread count.
     chunks = min(n, -(-engine_threads() // g))
     part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw3.dtype)
+    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
     with parallel_region(chunks * g):
-        _backward_weight(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
-                         _np(x).reshape(n, g, cin_g, h, w), part,
-                         _is_direct(params, (kh, kw), (h, w), (ho, wo)),
-                         *_geometry(params, (kh, kw), (ho, wo)))
+        if per > 1:
+            _pointwise_weight_packed(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
+                                     _np(x).reshape(n, g, cin_g, h * w), part, per)
+        else:
+            _backward_weight(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
+                             _np(x).reshape(n, g, cin_g, h, w), part,
+                             _is_direct(params, (kh, kw), (h, w), (ho, wo)),
+                             *_geometry(params, (kh, kw), (ho, wo)))
     if chunks > 1:
         with parallel_region(g):
             _sum_chunks(part, gw3)
