@@ -1,0 +1,75 @@
+"""The CPU engine's hot inner loops compile to packed SIMD arithmetic: the generated code,
+checked. A change that stops LLVM from vectorising one of them fails here, not only as a
+slowdown somewhere in ``bench/``.
+
+Each kernel is compiled afresh from its Python source with its own Numba options (so the
+on-disk cache is not what is inspected) for float32 operands, and its assembly must hold
+packed single-precision arithmetic (``...ps`` on xmm/ymm/zmm registers: add, mul, max, FMA,
+compare, blend), not only the scalar ``...ss`` forms.
+"""
+
+import platform
+import re
+
+import numba
+import numpy as np
+import pytest
+
+from fastconv.cpu import conv2d, pool2d
+
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                reason="inspects x86 assembly")
+
+PACKED = re.compile(r"^\s*v?(add|mul|max|min|fn?madd\d*|cmp\w*|blendv)ps\s", re.MULTILINE)
+SCALAR = re.compile(r"^\s*v?(add|mul|max|min|fn?madd\d*)ss\s", re.MULTILINE)
+
+
+def _asm(kernel, *args) -> str:
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
+    fresh = numba.njit(**options)(kernel.py_func)
+    fresh(*args)
+    return fresh.inspect_asm(fresh.signatures[0])
+
+
+def _f32(n=64, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+CASES = {
+    # max pooling: a tap over a whole output row (NaN-propagating max)
+    "pool2d._max_into": lambda: (pool2d._max_into, _f32(), _f32(seed=1)),
+    # ... recording the winning tap's number (uint8) for the gradient
+    "pool2d._max_into_coded": lambda: (pool2d._max_into_coded, _f32(), _f32(seed=1),
+                                       np.zeros(64, np.uint8), np.uint8(3)),
+    # average pooling's taps and its backward's gathers
+    "pool2d._add_into": lambda: (pool2d._add_into, _f32(), _f32(seed=1)),
+    # depthwise conv forward: three taps of a row fused per pass over the wide plane
+    "conv2d._add_taps": lambda: (conv2d._add_taps, np.zeros(200, np.float32), _f32(400),
+                                 np.ones((3, 3), np.float32), 3, 3, 1, 1, 20, 150),
+    # depthwise weight gradient: dot products with reassociation allowed
+    "conv2d._tap_dots": lambda: (conv2d._tap_dots, _f32(150), _f32(400),
+                                 np.zeros((3, 3)), 3, 3, 1, 1, 20, 150),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_inner_loop_is_vectorised(name):
+    kernel, *args = CASES[name]()
+    asm = _asm(kernel, *args)
+    packed = PACKED.findall(asm)
+    assert packed, (f"{name}: no packed single-precision arithmetic in its assembly "
+                    f"({len(SCALAR.findall(asm))} scalar ops); the loop is not vectorised")
+
+
+def test_the_check_sees_a_loop_that_cannot_vectorise():
+    """A loop-carried dependence through memory (each element depends on the previous one)
+    cannot be vectorised: the check must say so, or it proves nothing."""
+    @numba.njit
+    def prefix_max(x):
+        for k in range(1, x.shape[0]):
+            x[k] = x[k] if x[k] > x[k - 1] else x[k - 1]
+
+    x = _f32()
+    prefix_max(x)
+    asm = prefix_max.inspect_asm(prefix_max.signatures[0])
+    assert not PACKED.findall(asm)
