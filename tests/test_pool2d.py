@@ -138,6 +138,44 @@ def test_nan_propagates_and_indices_follow_torch():
         assert torch.equal(ours_idx, theirs_idx)
 
 
+@pytest.mark.parametrize("opts", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=2, ceil_mode=True),
+                                  dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                  dict(kernel_size=(3, 2), stride=2),
+                                  dict(kernel_size=3, stride=2)])
+@pytest.mark.parametrize("width", [1, 2, 7, 8, 33])
+def test_stride_2_fast_path_with_nans_infs_and_ties(opts, width):
+    """2- and 3-wide windows at stride 2 take the pair loops (max pooling's values without
+    return_indices and the window indices the gradient keeps; average pooling); their edge
+    columns go tap by tap. Ties, NaN and -inf everywhere: values, NaN positions and where each
+    gradient lands match torch."""
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randint(-2, 3, (2, 3, 6, width), generator=gen).float()
+    x[torch.rand(x.shape, generator=gen) < 0.1] = float("nan")
+    x[torch.rand(x.shape, generator=gen) < 0.1] = float("-inf")
+    h = x.shape[-1] + 2 * opts.get("padding", 0)
+    k = opts["kernel_size"] if isinstance(opts["kernel_size"], int) else opts["kernel_size"][1]
+    if h < k:
+        pytest.skip("input narrower than the window")
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = fastconv.max_pool2d(a, **opts), F.max_pool2d(b, **opts)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    grad = torch.randn(ours.shape, generator=gen)
+    ours.backward(grad), theirs.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        y = fastconv.max_pool2d(x, **opts)  # no indices at all
+    assert torch.equal(y.nan_to_num(), theirs.detach().nan_to_num())
+    # Average pooling's pair loops: the same bits as PyTorch's, forward and backward.
+    xf = x.nan_to_num(nan=0.5, neginf=-3.0)
+    a, b = xf.clone().requires_grad_(), xf.clone().requires_grad_()
+    ours, theirs = fastconv.avg_pool2d(a, **opts), F.avg_pool2d(b, **opts)
+    assert torch.equal(ours, theirs)
+    ours.backward(grad), theirs.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("return_indices", [True, False])
 def test_window_missing_the_input(return_indices):
     """A dilated window can lie wholly in the padding: (1, 2) taps at columns -1 and 2 of a
@@ -170,7 +208,8 @@ def test_pooling_operators_refuse_indices_not_made_by_max_pool2d():
             ops.max_pool2d_backward(grad, idx, [9, 9], *pool)
         with pytest.raises(ValueError, match=words):
             ops.max_pool2d_double_backward(ggx, idx, *pool)
-    with pytest.raises(TypeError, match="indices must be int64 .* or torch.uint8 .* got torch.int32"):
+    with pytest.raises(TypeError,
+                       match="indices must be int64 .* or torch.uint8 .* got torch.int32"):
         ops.max_pool2d_backward(grad, torch.zeros(1, 2, 5, 5, dtype=torch.int32), [9, 9], *pool)
     with pytest.raises(ValueError, match="indices must be one of none, flat, window, got 'all'"):
         ops.max_pool2d(ggx, *pool, "all")

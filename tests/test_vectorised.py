@@ -41,8 +41,16 @@ CASES = {
     # ... recording the winning tap's number (uint8) for the gradient
     "pool2d._max_into_coded": lambda: (pool2d._max_into_coded, _f32(), _f32(seed=1),
                                        np.zeros(64, np.uint8), np.uint8(3)),
-    # average pooling's taps and its backward's gathers
+    # ... 2- or 3-wide windows at stride 2, the pair loops, with and without window indices
+    "pool2d._max_pair_taps": lambda: (pool2d._max_pair_taps, _f32(56), _f32(28),
+                                      np.zeros(28, np.int64),
+                                      pool2d.NO_INDICES, 3, 1, 1, 27, 0, np.int64(0)),
+    "pool2d._max_pair_taps (window)": lambda: (pool2d._max_pair_taps, _f32(56), _f32(28),
+                                               np.zeros(28, np.uint8), pool2d.WINDOW_INDICES,
+                                               2, 0, 0, 28, 0, np.uint8(2)),
+    # average pooling's taps, its pair loops and its backward's gathers
     "pool2d._add_into": lambda: (pool2d._add_into, _f32(), _f32(seed=1)),
+    "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(56), _f32(28), 2, 0, 0, 28),
     # depthwise conv forward: three taps of a row fused per pass over the wide plane
     "conv2d._add_taps": lambda: (conv2d._add_taps, np.zeros(200, np.float32), _f32(400),
                                  np.ones((3, 3), np.float32), 3, 3, 1, 1, 20, 150),

@@ -86,6 +86,119 @@ def _first_codes(code, i0, kw, wo, sw, pw, dw):
         code[ow] = i0 * kw + (first_tap(ws, dw) - ws) // dw
 
 
+# 2- and 3-wide windows at stride 2 (2x2/s2 and 3x3/s2/p1: most CNNs' pooling): a loop over
+# the windows with their taps written out reads both elements of each input pair, which LLVM
+# vectorises as interleaved loads, without first splitting the row into phases. Only the
+# interior windows, whose taps all lie inside the row, take it; the few at the edges go tap
+# by tap. Taps keep their order per window, so results stay bitwise PyTorch's.
+@njit(cache=True, nogil=True)
+def _pair_taps(kw, sw, pw, dw, w, wo):
+    """(usable, c0, c1): whether a row's windows take the pair loops, and the output columns
+    [c0, c1) whose taps all lie inside the row."""
+    if sw != 2 or dw != 1 or kw not in (2, 3):
+        return False, 0, 0
+    c0 = min(wo, (pw + 1) // 2)
+    c1 = max(c0, min(wo, (w - kw + pw) // 2 + 1))
+    return True, c0, c1
+
+
+@njit(cache=True, nogil=True)
+def _add_pair_taps(row, y, kw, pw, c0, c1):
+    """y[k] += the window's taps of this row, in tap order: interior columns by the pair loop,
+    edge columns tap by tap (taps outside the row skipped)."""
+    w = row.shape[0]
+    for k in range(c0):
+        for j in range(kw):
+            c = 2 * k - pw + j
+            if 0 <= c < w:
+                y[k] += row[c]
+    # Views from the first interior window: indices that are visibly non-negative need no
+    # wraparound test, which would stop the vectoriser.
+    src, dst = row[2 * c0 - pw:], y[c0:c1]
+    if kw == 2:
+        for t in range(c1 - c0):
+            s = dst[t]
+            s += src[2 * t]
+            s += src[2 * t + 1]
+            dst[t] = s
+    else:
+        for t in range(c1 - c0):
+            s = dst[t]
+            s += src[2 * t]
+            s += src[2 * t + 1]
+            s += src[2 * t + 2]
+            dst[t] = s
+    for k in range(c1, y.shape[0]):
+        for j in range(kw):
+            c = 2 * k - pw + j
+            if 0 <= c < w:
+                y[k] += row[c]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _wins(v, best):
+    """Does tap value v replace the running max? Greater, or NaN (NaN propagates)."""
+    return (v > best) | (v != v)
+
+
+@njit(cache=True, nogil=True)
+def _max_pair_taps(row, y, idx, mode, kw, pw, c0, c1, flat0, tap0):
+    """The max-pooling counterpart of ``_add_pair_taps``: y[k] = max(y[k], this row's taps),
+    tap by tap in order; idx[k] records a winner's flat index (``flat0`` + its column) or its
+    window number (``tap0`` + j), as ``mode`` says."""
+    w = row.shape[0]
+    for part in range(2):  # the edge columns, left then right, tap by tap
+        for k in range(0, c0) if part == 0 else range(c1, y.shape[0]):
+            for j in range(kw):
+                c = 2 * k - pw + j
+                if 0 <= c < w and _wins(row[c], y[k]):
+                    y[k] = row[c]
+                    if mode == FLAT_INDICES:
+                        idx[k] = flat0 + c
+                    elif mode == WINDOW_INDICES:
+                        idx[k] = tap0 + j
+    if c1 <= c0:
+        return
+    # Views from the first interior window: see _add_pair_taps.
+    src, dst, ids = row[2 * c0 - pw:], y[c0:c1], idx[c0:c1] if mode != NO_INDICES else idx[:0]
+    first = flat0 + 2 * c0 - pw
+    n = c1 - c0
+    # One loop per case with the taps written out: a loop over taps inside would be the
+    # innermost loop, and the vectoriser would not look past it.
+    if mode == NO_INDICES:
+        for t in range(n):
+            best = _take(src[2 * t], dst[t])
+            best = _take(src[2 * t + 1], best)
+            if kw == 3:
+                best = _take(src[2 * t + 2], best)
+            dst[t] = best
+    elif mode == FLAT_INDICES:
+        for t in range(n):
+            best, arg = _take_arg(src[2 * t], dst[t], first + 2 * t, ids[t])
+            best, arg = _take_arg(src[2 * t + 1], best, first + 2 * t + 1, arg)
+            if kw == 3:
+                best, arg = _take_arg(src[2 * t + 2], best, first + 2 * t + 2, arg)
+            dst[t], ids[t] = best, arg
+    else:
+        for t in range(n):
+            best, arg = _take_arg(src[2 * t], dst[t], tap0, ids[t])
+            best, arg = _take_arg(src[2 * t + 1], best, tap0 + 1, arg)
+            if kw == 3:
+                best, arg = _take_arg(src[2 * t + 2], best, tap0 + 2, arg)
+            dst[t], ids[t] = best, arg
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _take(v, best):
+    return v if _wins(v, best) else best
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _take_arg(v, best, cand, arg):
+    take = _wins(v, best)
+    return (v if take else best), (cand if take else arg)
+
+
 # What max_pool2d_forward records besides the maximum: nothing, the flat argmax in H*W (what
 # return_indices gives), or the argmax's tap number within its window (what the gradient
 # needs: 1 byte instead of 8).
@@ -99,6 +212,10 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
     taps = tap_table(kw, sw, pw, dw, w, wo)
+    pair, c0, c1 = _pair_taps(kw, sw, pw, dw, w, wo)
+    # (Flat int64 indices beside float32 values vectorise worse in the pair loops than in
+    # the phase-row ones: measured slower, so return_indices keeps the phase rows.)
+    pair = pair and mode != FLAT_INDICES
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
@@ -117,6 +234,10 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
                 if ih < 0 or ih >= h:
                     continue
                 row = x3[p, ih]
+                if pair:
+                    _max_pair_taps(row, y, idx, mode, kw, pw, c0, c1, ih * w,
+                                   idx.dtype.type(i * kw))
+                    continue
                 if sw > 1:
                     phase_split(row, phases, sw)
                 for j in range(kw):
@@ -217,6 +338,7 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
     ho, wo = y3.shape[1], y3.shape[2]
     items = planes * ho
     taps = tap_table(kw, sw, pw, 1, w, wo)
+    pair, c0, c1 = _pair_taps(kw, sw, pw, 1, w, wo)
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
         divs = np.empty(wo, dtype=y3.dtype)
@@ -231,6 +353,9 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
                 if ih < 0 or ih >= h:
                     continue
                 row = x3[p, ih]
+                if pair:
+                    _add_pair_taps(row, y, kw, pw, c0, c1)
+                    continue
                 if sw > 1:
                     phase_split(row, phases, sw)
                 for j in range(kw):
