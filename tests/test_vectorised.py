@@ -51,6 +51,7 @@ CASES = {
     # average pooling's taps, its pair loops and its backward's gathers
     "pool2d._add_into": lambda: (pool2d._add_into, _f32(), _f32(seed=1)),
     "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(56), _f32(28), 2, 0, 0, 28),
+    "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(56), 0, 0, 28),
     # depthwise conv forward: three taps of a row fused per pass over the wide plane
     "conv2d._add_taps": lambda: (conv2d._add_taps, np.zeros(200, np.float32), _f32(400),
                                  np.ones((3, 3), np.float32), 3, 3, 1, 1, 20, 150),

@@ -377,6 +377,10 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
     ho, wo = gy3.shape[1], gy3.shape[2]
     items = planes * h
     taps = tap_table(kw, sw, pw, 1, w, wo)
+    # Non-overlapping 2-wide windows at stride 2 (2x2/s2): each element of a row gets one
+    # term per window row, so the pair loop's writes are independent and vectorise.
+    pair, c0, c1 = _pair_taps(kw, sw, pw, 1, w, wo)
+    pair = pair and kw == 2
     for b in prange(blocks):
         phases = np.empty((sw, (w + sw - 1) // sw), dtype=gx3.dtype)
         g = np.empty(wo, dtype=gx3.dtype)
@@ -384,7 +388,7 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
             p = item // h
             ih = item % h
             row = gx3[p, ih]
-            if sw == 1:
+            if sw == 1 or pair:
                 row[:] = 0
             else:
                 phases[:] = 0
@@ -394,12 +398,37 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
                 gy = gy3[p, oh]
                 for ow in range(wo):
                     g[ow] = gy[ow] / g[ow]
+                if pair:
+                    _spread_pairs(g, row, pw, c0, c1)
+                    continue
                 for j in range(kw - 1, -1, -1):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
                     dst = row if sw == 1 else phases[taps[j, 3]]
                     _add_into(g[lo:hi], dst[start:start + hi - lo])
-            if sw > 1:
+            if sw > 1 and not pair:
                 phase_merge(phases, row, sw)
+
+
+@njit(cache=True, nogil=True)
+def _spread_pairs(g, row, pw, c0, c1):
+    """row[2k - pw + j] += g[k] for j = 0, 1 (2-wide windows at stride 2, which do not
+    overlap): the interior by a pair loop, the edge windows tap by tap."""
+    w = row.shape[0]
+    for k in range(c0):
+        for j in range(2):
+            c = 2 * k - pw + j
+            if 0 <= c < w:
+                row[c] += g[k]
+    src, dst = g[c0:c1], row[2 * c0 - pw:]  # non-negative indices: see _add_pair_taps
+    for t in range(c1 - c0):
+        v = src[t]
+        dst[2 * t] += v
+        dst[2 * t + 1] += v
+    for k in range(c1, g.shape[0]):
+        for j in range(2):
+            c = 2 * k - pw + j
+            if 0 <= c < w:
+                row[c] += g[k]
 
 
 def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pad: bool):
