@@ -90,6 +90,7 @@ _CHUNK_COLUMNS = 256
 
 @njit(cache=True, nogil=True)
 def _rows_per_chunk(ho, wo):
+    """Output rows per chunk for rows of ``wo`` columns (at least 1, at most Ho)."""
     return min(ho, max(1, _CHUNK_COLUMNS // wo))
 
 
@@ -153,7 +154,7 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, pt, pl, dh, dw, ho, wo):
     cin, k, cout = gx3.shape[0], w2.shape[1], w2.shape[0]
     hp, wp = _padded_extent(ho, wo, kh, kw, 1, 1, dh, dw)
     gxp = np.zeros((cin, hp, wp), dtype=gx3.dtype)
-    rows = max(1, min(ho, _CHUNK_COLUMNS // wp))
+    rows = _rows_per_chunk(ho, wp)  # a wide row is Wp columns
     gy_buf = np.empty(cout * rows * wp, dtype=gx3.dtype)
     dcol_buf = np.empty(k * rows * wp, dtype=gx3.dtype)
     for oh0 in range(0, ho, rows):
@@ -180,7 +181,7 @@ def _backward_weight_wide(gy2, x3, acc, tmp, kh, kw, pt, pl, dh, dw, ho, wo):
     k, cout = acc.shape[1], acc.shape[0]
     xp = _padded_planes(x3, kh, kw, pt, pl, dh, dw, ho, wo)
     wp = xp.shape[2]
-    rows = max(1, min(ho, _CHUNK_COLUMNS // wp))
+    rows = _rows_per_chunk(ho, wp)  # a wide row is Wp columns
     col_buf = np.empty(k * rows * wp, dtype=x3.dtype)
     gy_buf = np.empty(cout * rows * wp, dtype=x3.dtype)
     for oh0 in range(0, ho, rows):
@@ -201,7 +202,7 @@ def _forward_wide(x3, w2, out, kh, kw, pt, pl, dh, dw, ho, wo):
     k, cout = w2.shape[1], w2.shape[0]
     xp = _padded_planes(x3, kh, kw, pt, pl, dh, dw, ho, wo)
     wp = xp.shape[2]
-    rows = max(1, min(ho, _CHUNK_COLUMNS // wp))
+    rows = _rows_per_chunk(ho, wp)  # a wide row is Wp columns
     col_buf = np.empty(k * rows * wp, dtype=x3.dtype)
     y_buf = np.empty(cout * rows * wp, dtype=x3.dtype)
     for oh0 in range(0, ho, rows):

@@ -86,6 +86,12 @@ def _first_codes(code, i0, kw, wo, sw, pw, dw):
         code[ow] = i0 * kw + (first_tap(ws, dw) - ws) // dw
 
 
+# What max_pool2d_forward records besides the maximum: nothing, the flat argmax in H*W (what
+# return_indices gives), or the argmax's tap number within its window (what the gradient
+# needs: 1 byte instead of 8).
+NO_INDICES, FLAT_INDICES, WINDOW_INDICES = 0, 1, 2
+
+
 # 2- and 3-wide windows at stride 2 (2x2/s2 and 3x3/s2/p1: most CNNs' pooling): a loop over
 # the windows with their taps written out reads both elements of each input pair, which LLVM
 # vectorises as interleaved loads, without first splitting the row into phases. Only the
@@ -160,7 +166,8 @@ def _max_pair_taps(row, y, idx, mode, kw, pw, c0, c1, flat0, tap0):
     if c1 <= c0:
         return
     # Views from the first interior window: see _add_pair_taps.
-    src, dst, ids = row[2 * c0 - pw:], y[c0:c1], idx[c0:c1] if mode != NO_INDICES else idx[:0]
+    # (Without indices, idx is the kernel's one dummy row, never written.)
+    src, dst, ids = row[2 * c0 - pw:], y[c0:c1], idx[c0:c1]
     first = flat0 + 2 * c0 - pw
     n = c1 - c0
     # One loop per case with the taps written out: a loop over taps inside would be the
@@ -197,12 +204,6 @@ def _take(v, best):
 def _take_arg(v, best, cand, arg):
     take = _wins(v, best)
     return (v if take else best), (cand if take else arg)
-
-
-# What max_pool2d_forward records besides the maximum: nothing, the flat argmax in H*W (what
-# return_indices gives), or the argmax's tap number within its window (what the gradient
-# needs: 1 byte instead of 8).
-NO_INDICES, FLAT_INDICES, WINDOW_INDICES = 0, 1, 2
 
 
 @njit(cache=True, parallel=True)
