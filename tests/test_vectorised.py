@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastconv.cpu import conv2d, pool2d
+from fastconv.cpu import _window, conv2d, pool2d
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="inspects x86 assembly")
@@ -52,6 +52,10 @@ CASES = {
     "pool2d._add_into": lambda: (pool2d._add_into, _f32(), _f32(seed=1)),
     "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(56), _f32(28), 2, 0, 0, 28),
     "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(56), 0, 0, 28),
+    # conv2d's element-loop row helpers: col2im's adds, and the bias added in the copy-out
+    "_window.add_into": lambda: (_window.add_into, _f32(), _f32(seed=1)),
+    "conv2d._rows_from_wide (bias)": lambda: (conv2d._rows_from_wide, _f32(200), _f32(160),
+                                              0, 8, 20, 25, np.float32(0.5), True),
     # depthwise conv forward: three taps of a row fused per pass over the wide plane
     "conv2d._add_taps": lambda: (conv2d._add_taps, np.zeros(200, np.float32), _f32(400),
                                  np.ones((3, 3), np.float32), 3, 3, 1, 1, 20, 150),

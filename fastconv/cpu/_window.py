@@ -40,6 +40,30 @@ def covering_rows(ih, kh, sh, ph, dh, ho):
     return max(0, (ih + ph - (kh - 1) * dh + sh - 1) // sh), min(ho, (ih + ph) // sh + 1)
 
 
+# Element loops instead of slice assignment: Numba's ``a[i:j] = b[k:l]`` checks the two for
+# overlap and may copy through a temporary, which on a short row costs more than the copy
+# (LeNet's 5x5 im2col, 150 rows of 136 per image: 0.46 ms per batch as slices, 0.10 as loops).
+@njit(cache=True, nogil=True)
+def copy_into(dst, src):
+    """dst[q] = src[q] for q < len(src) (1-D; the two must not overlap)."""
+    for q in range(src.shape[0]):
+        dst[q] = src[q]
+
+
+@njit(cache=True, nogil=True)
+def add_into(dst, src):
+    """dst[q] += src[q] for q < len(src) (1-D; the two must not overlap)."""
+    for q in range(src.shape[0]):
+        dst[q] += src[q]
+
+
+@njit(cache=True, nogil=True)
+def fill(dst, value):
+    """dst[q] = value for every q (1-D)."""
+    for q in range(dst.shape[0]):
+        dst[q] = value
+
+
 @njit(cache=True, nogil=True)
 def front(buf, rows, cols):
     """C-contiguous (rows, cols) view of the first rows*cols elements of contiguous ``buf``:
