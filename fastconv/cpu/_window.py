@@ -4,7 +4,7 @@ A strided window's taps read every ``stride``-th input column. Split an input ro
 ``stride`` phase rows (``phase_split``) and each tap of a whole output row becomes one
 contiguous slice of one phase (``tap_table``): a vectorised loop instead of a strided gather
 (the pooling kernels). ``phase_merge`` is the inverse, for gradients gathered per phase.
-(conv2d's strided im2col keeps its direct gather: phase rows measured no faster there.)
+(conv2d splits whole planes into phases instead, for its wide im2col: see conv2d.py.)
 """
 
 from __future__ import annotations
