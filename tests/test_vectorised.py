@@ -48,11 +48,11 @@ CASES = {
     "pool2d._max_pair_taps (window)": lambda: (pool2d._max_pair_taps, _f32(56), _f32(28),
                                                np.zeros(28, np.uint8), pool2d.WINDOW_INDICES,
                                                2, 0, 0, 28, 0, np.uint8(2)),
-    # average pooling's taps, its pair loops and its backward's gathers
-    "pool2d._add_into": lambda: (pool2d._add_into, _f32(), _f32(seed=1)),
+    # average pooling's pair loops and its backward's gathers
     "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(56), _f32(28), 2, 0, 0, 28),
     "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(56), 0, 0, 28),
-    # conv2d's element-loop row helpers: col2im's adds, and the bias added in the copy-out
+    # the row adds of average pooling's taps and of conv2d's wide grad-input, and conv2d's
+    # bias added in the copy-out
     "_window.add_into": lambda: (_window.add_into, _f32(), _f32(seed=1)),
     "conv2d._rows_from_wide (bias)": lambda: (conv2d._rows_from_wide, _f32(200), _f32(160),
                                               0, 8, 20, 25, np.float32(0.5), True),

@@ -30,7 +30,7 @@ from numba import njit, prange
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._window import covering_rows, first_tap, phase_merge, phase_split, tap_table
+from ._window import add_into, covering_rows, first_tap, phase_merge, phase_split, tap_table
 
 # Forward work is split into at most this many blocks per thread: enough to balance
 # uneven blocks, few enough that per-block scratch allocation is negligible.
@@ -320,12 +320,6 @@ def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, p
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_into(src, y):
-    for k in range(y.shape[0]):
-        y[k] += src[k]
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _divisors(divs, oh, row_factors, col_factors):
     """Window (oh, ow)'s divisor, in the data's dtype (float32 data divides in float32, as
     PyTorch's does): PyTorch's divisor is a product of a row and a column factor."""
@@ -362,7 +356,7 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
                 for j in range(kw):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
                     src = row if sw == 1 else phases[taps[j, 3]]
-                    _add_into(src[start:start + hi - lo], y[lo:hi])
+                    add_into(y[lo:hi], src[start:start + hi - lo])
             _divisors(divs, oh, row_factors, col_factors)
             for ow in range(wo):
                 y[ow] /= divs[ow]
@@ -405,7 +399,7 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
                 for j in range(kw - 1, -1, -1):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
                     dst = row if sw == 1 else phases[taps[j, 3]]
-                    _add_into(g[lo:hi], dst[start:start + hi - lo])
+                    add_into(dst[start:start + hi - lo], g[lo:hi])
             if sw > 1 and not pair:
                 phase_merge(phases, row, sw)
 
