@@ -54,6 +54,10 @@ CASES = {
     # the row adds of average pooling's taps and of conv2d's wide grad-input, and conv2d's
     # bias added in the copy-out
     "_window.add_into": lambda: (_window.add_into, _f32(), _f32(seed=1)),
+    # ... the same at offsets (conv2d's wide grad-input: no view per tap)
+    "_window.add_at": lambda: (_window.add_at, _f32(), 3, _f32(seed=1), 5, 50),
+    "conv2d._copy_plus_at": lambda: (conv2d._copy_plus_at, _f32(), 3, _f32(seed=1), 5, 50,
+                                     np.float32(0.5)),
     "conv2d._rows_from_wide (bias)": lambda: (conv2d._rows_from_wide, _f32(200), _f32(160),
                                               0, 8, 20, 25, np.float32(0.5), True),
     # depthwise conv forward: three taps of a row fused per pass over the wide plane

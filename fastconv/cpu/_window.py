@@ -64,6 +64,41 @@ def fill(dst, value):
         dst[q] = value
 
 
+# The same at offsets into whole 1-D arrays, for loops that would otherwise make a view per
+# row: each Numba view takes and drops a reference (two atomic calls into the runtime) and
+# ``.ravel()`` calls a reshape helper, which on 136-element rows cost 2/3 of LeNet's im2col
+# (150 copies per image: 3.9 us as views, 1.4 us at offsets). The offsets are the caller's
+# own index math, non-negative by construction; the early return on a negative one is there
+# so LLVM sees that and drops the wraparound test that would stop the vectoriser (a raise
+# instead made the parallel kernels around it slower: LeNet conv1 forward 0.37 -> 0.46 ms).
+# Inlined into the caller's IR: as a call it measured 30% slower on those short rows.
+@njit(cache=True, nogil=True, inline="always")
+def copy_at(dst, d0, src, s0, n):
+    """dst[d0 + q] = src[s0 + q] for q < n (1-D, contiguous, no overlap; offsets >= 0)."""
+    if d0 < 0 or s0 < 0:
+        return
+    for q in range(n):
+        dst[d0 + q] = src[s0 + q]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def add_at(dst, d0, src, s0, n):
+    """dst[d0 + q] += src[s0 + q] for q < n (1-D, contiguous; no overlap; offsets >= 0)."""
+    if d0 < 0 or s0 < 0:
+        return
+    for q in range(n):
+        dst[d0 + q] += src[s0 + q]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fill_at(dst, d0, n, value):
+    """dst[d0 + q] = value for q < n (1-D, contiguous; d0 >= 0)."""
+    if d0 < 0:
+        return
+    for q in range(n):
+        dst[d0 + q] = value
+
+
 @njit(cache=True, nogil=True)
 def front(buf, rows, cols):
     """C-contiguous (rows, cols) view of the first rows*cols elements of contiguous ``buf``:

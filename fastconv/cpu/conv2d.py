@@ -30,7 +30,7 @@ from numba import njit, prange
 from .._args import Conv2dParams
 from . import _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._window import add_into, col_range, copy_into, fill, front
+from ._window import add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
 # Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
@@ -70,12 +70,14 @@ def _im2col_wide(xq3, col, kh, kw, sh, sw, dh, dw, base, span):
     """col[(c*kh + i)*kw + j, :span] = the phase plane of tap (i, j) of channel c, flattened,
     from base plus the tap's shift."""
     cin, wq = xq3.shape[0] // (sh * sw), xq3.shape[2]
+    plane_size, ld = xq3.shape[1] * wq, col.shape[1]
+    src, dst = xq3.reshape(-1), col.reshape(-1)  # offsets, not a view per tap: see copy_at
     for c in range(cin):
         for i in range(kh):
             for j in range(kw):
                 plane, shift = _tap_at(c, i, j, sh, sw, dh, dw, wq)
-                s = base + shift
-                copy_into(col[(c * kh + i) * kw + j], xq3[plane].ravel()[s:s + span])
+                copy_at(dst, ((c * kh + i) * kw + j) * ld, src, plane * plane_size + base + shift,
+                        span)
 
 
 @njit(cache=True, nogil=True)
@@ -153,11 +155,11 @@ def _rows_to_wide(src, dst, oh0, oh1, wo, wp):
     the columns between rows (so garbage im2col columns meet zeros in a product)."""
     for oh in range(oh0, oh1):
         r = (oh - oh0) * wp
-        # Views, not index arithmetic: Numba's negative-index checks on ``dst[r + ow]`` stop
-        # LLVM from vectorising (measured: 2.4 ns per element, the stem's backward 15 ms).
-        copy_into(dst[r:r + wo], src[oh * wo:oh * wo + wo])
+        # copy_at, not ``dst[r + ow]``: Numba's negative-index checks on that stop LLVM from
+        # vectorising (measured: 2.4 ns per element, the stem's backward 15 ms).
+        copy_at(dst, r, src, oh * wo, wo)
         if oh + 1 < oh1:
-            fill(dst[r + wo:r + wp], 0)
+            fill_at(dst, r + wo, wp - wo, 0)
 
 
 @njit(cache=True, nogil=True)
@@ -165,15 +167,19 @@ def _rows_from_wide(src, dst, oh0, oh1, wo, wp, bias=0.0, has_bias=False):
     """dst[oh*Wo + ow] = src[(oh - oh0)*Wp + ow] (+ bias) for rows [oh0, oh1) of one channel.
     The bias is added here, in the copy, rather than in a pass of its own."""
     for oh in range(oh0, oh1):
-        r = (oh - oh0) * wp
-        d = dst[oh * wo:oh * wo + wo]
-        s = src[r:r + wo]
         if has_bias:
-            for ow in range(wo):
-                d[ow] = s[ow] + bias
+            _copy_plus_at(dst, oh * wo, src, (oh - oh0) * wp, wo, bias)
         else:
-            for ow in range(wo):
-                d[ow] = s[ow]
+            copy_at(dst, oh * wo, src, (oh - oh0) * wp, wo)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _copy_plus_at(dst, d0, src, s0, n, bias):
+    """dst[d0 + q] = src[s0 + q] + bias for q < n: copy_at with the bias added."""
+    if d0 < 0 or s0 < 0:
+        return
+    for q in range(n):
+        dst[d0 + q] = src[s0 + q] + bias
 
 
 @njit(cache=True, nogil=True)
@@ -183,6 +189,7 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     cin, k, cout = gx3.shape[0], w2.shape[1], w2.shape[0]
     hq, wq = _phase_extent(ho, wo, kh, kw, sh, sw, dh, dw)
     gxq = np.zeros((cin * sh * sw, hq, wq), dtype=gx3.dtype)
+    gxq_flat = gxq.reshape(-1)
     rows = _rows_per_chunk(ho, wq)  # a wide row is Wq columns
     gy_buf = np.empty(cout * rows * wq, dtype=gx3.dtype)
     dcol_buf = np.empty(k * rows * wq, dtype=gx3.dtype)
@@ -197,8 +204,8 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
             for i in range(kh):
                 for j in range(kw):
                     plane, shift = _tap_at(c, i, j, sh, sw, dh, dw, wq)
-                    s = oh0 * wq + shift
-                    add_into(gxq[plane].ravel()[s:s + span], dcol[(c * kh + i) * kw + j])
+                    add_at(gxq_flat, plane * hq * wq + oh0 * wq + shift, dcol_buf,
+                           ((c * kh + i) * kw + j) * span, span)
     _merge_phases(gxq, gx3, sh, sw, pt, pl)
 
 
@@ -312,10 +319,12 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
 @njit(cache=True, nogil=True)
 def _pack_images(a4, n0, cnt, g, packed):
     """packed[:, i*HW:(i+1)*HW] = a4[n0 + i, g] (a (K, HW) matrix per image)."""
-    hw = a4.shape[3]
+    k, hw = a4.shape[2], a4.shape[3]
+    dst, ld = packed.reshape(-1), packed.shape[1]
     for i in range(cnt):
-        for r in range(a4.shape[2]):
-            copy_into(packed[r, i * hw:(i + 1) * hw], a4[n0 + i, g, r])
+        src = a4[n0 + i, g].reshape(-1)
+        for r in range(k):
+            copy_at(dst, r * ld + i * hw, src, r * hw, hw)
 
 
 @njit(cache=True, parallel=True)
@@ -337,11 +346,14 @@ def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, per):
             np.dot(mat3[g].T, packed, result)
         else:
             np.dot(mat3[g], packed, result)
+        res = result.reshape(-1)
         for i in range(cnt):
-            out = out4[n0 + i, g]
+            out = out4[n0 + i, g].reshape(-1)
             for oc in range(m):  # a plain copy of one row, plus the bias
-                _rows_from_wide(result[oc, i * hw:(i + 1) * hw], out[oc], 0, 1, hw, hw,
-                                b2[g, oc], has_bias)
+                if has_bias:
+                    _copy_plus_at(out, oc * hw, res, (oc * cnt + i) * hw, hw, b2[g, oc])
+                else:
+                    copy_at(out, oc * hw, res, (oc * cnt + i) * hw, hw)
 
 
 @njit(cache=True, parallel=True)
