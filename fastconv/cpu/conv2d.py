@@ -649,6 +649,25 @@ _WINOGRAD_WGRAD_TILES = 256
 _WINOGRAD_WGRAD_PLANE = 64 * 64
 
 
+# The 16 transform planes of a chunk (V, M, the weight gradient's U) are written or read as 16
+# streams, one element per tile from each. Planes a multiple of 4 KiB apart put all 16 in the
+# same L1 set (8 ways): vgg's 128 channels x 56 tiles are 28 KiB, and its input transform took
+# 46 ns a tile instead of 5. Planes an odd number of 64-byte lines apart fall in 16 sets.
+@njit(cache=True, nogil=True)
+def _plane_stride(n, itemsize):
+    """Elements from one transform plane of ``n`` elements to the next: ``n`` rounded up to
+    an odd number of 64-byte cache lines."""
+    per_line = 64 // itemsize
+    lines = (n + per_line - 1) // per_line
+    return (lines | 1) * per_line
+
+
+@njit(cache=True, nogil=True)
+def _plane(buf, k, stride, rows, cols):
+    """Plane k of a flat transform buffer as a C-contiguous (rows, cols) matrix."""
+    return buf[k * stride:k * stride + rows * cols].reshape(rows, cols)
+
+
 @njit(cache=True, parallel=True)
 def _winograd_filter_kernel(w4, U):
     """U[:, co, ci] = G w4[co, ci] G^T flattened (16,), G = [[1, 0, 0], [1/2, 1/2, 1/2],
@@ -679,8 +698,9 @@ def _winograd_filter(w: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _winograd_input(x3, V, top, left, dh, dw, th0, th1, tw_n, buf):
-    """V[:, c, t] = B^T d B for tile t = (th - th0)*tw_n + tw of tile rows [th0, th1); d is
+def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, buf):
+    """Plane k of vf (element c*tiles + t at k*stride + c*tiles + t, see ``_plane_stride``)
+    = element k of B^T d B for tile t = (th - th0)*tw_n + tw of tile rows [th0, th1); d is
     the 4x4 patch of input rows top + dh*(2*th + a), columns left + dw*(2*tw + b), zeros
     outside the input. ``buf`` (4, >= 2*tw_n + 2) holds a band of patch rows, zero-padded, so
     the tile loop is branch-free."""
@@ -692,68 +712,115 @@ def _winograd_input(x3, V, top, left, dh, dw, th0, th1, tw_n, buf):
                 ih = top + dh * (2 * th + a)
                 row = buf[a]
                 if ih < 0 or ih >= h:
+                    fill_at(row, 0, wb, 0)
+                elif dw == 1:
+                    # One vectorised copy (its loads in flight together: a plane larger than
+                    # L2 is read from memory) between the zeros of the padding.
+                    q0 = min(wb, max(0, -left))
+                    q1 = max(q0, min(wb, w - left))
+                    fill_at(row, 0, q0, 0)
+                    copy_at(row, q0, x3[c, ih], left + q0, q1 - q0)
+                    fill_at(row, q1, wb - q1, 0)
+                else:
+                    src = x3[c, ih]
                     for q in range(wb):
-                        row[q] = 0
-                    continue
-                src = x3[c, ih]
-                for q in range(wb):
-                    iw = left + dw * q
-                    row[q] = src[iw] if 0 <= iw < w else 0
-            r0, r1, r2, r3 = buf[0], buf[1], buf[2], buf[3]
-            t0 = (th - th0) * tw_n
-            for tw in range(tw_n):
-                q = 2 * tw
-                t = t0 + tw
-                # d = B^T patch (rows combined), then V = d B (columns combined).
-                d00, d01, d02, d03 = r0[q] - r2[q], r0[q + 1] - r2[q + 1], \
-                    r0[q + 2] - r2[q + 2], r0[q + 3] - r2[q + 3]
-                d10, d11, d12, d13 = r1[q] + r2[q], r1[q + 1] + r2[q + 1], \
-                    r1[q + 2] + r2[q + 2], r1[q + 3] + r2[q + 3]
-                d20, d21, d22, d23 = r2[q] - r1[q], r2[q + 1] - r1[q + 1], \
-                    r2[q + 2] - r1[q + 2], r2[q + 3] - r1[q + 3]
-                d30, d31, d32, d33 = r1[q] - r3[q], r1[q + 1] - r3[q + 1], \
-                    r1[q + 2] - r3[q + 2], r1[q + 3] - r3[q + 3]
-                V[0, c, t], V[1, c, t], V[2, c, t], V[3, c, t] = \
-                    d00 - d02, d01 + d02, d02 - d01, d01 - d03
-                V[4, c, t], V[5, c, t], V[6, c, t], V[7, c, t] = \
-                    d10 - d12, d11 + d12, d12 - d11, d11 - d13
-                V[8, c, t], V[9, c, t], V[10, c, t], V[11, c, t] = \
-                    d20 - d22, d21 + d22, d22 - d21, d21 - d23
-                V[12, c, t], V[13, c, t], V[14, c, t], V[15, c, t] = \
-                    d30 - d32, d31 + d32, d32 - d31, d31 - d33
+                        iw = left + dw * q
+                        row[q] = src[iw] if 0 <= iw < w else 0
+            _input_tiles(buf[0], buf[1], buf[2], buf[3], vf, c * tiles + (th - th0) * tw_n,
+                         stride, tw_n)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _input_tiles(r0, r1, r2, r3, vf, base, stride, tw_n):
+    """vf[base + k*stride + tw] = element k of B^T d B for the tiles tw < tw_n of one band of
+    patch rows r0..r3. Flat offsets: the early return tells LLVM they are non-negative, so
+    the index math needs no wraparound test."""
+    if base < 0 or stride < 0:
+        return
+    for tw in range(tw_n):
+        q = 2 * tw
+        # d = B^T patch (rows combined), then V = d B (columns combined).
+        d00, d01, d02, d03 = r0[q] - r2[q], r0[q + 1] - r2[q + 1], \
+            r0[q + 2] - r2[q + 2], r0[q + 3] - r2[q + 3]
+        d10, d11, d12, d13 = r1[q] + r2[q], r1[q + 1] + r2[q + 1], \
+            r1[q + 2] + r2[q + 2], r1[q + 3] + r2[q + 3]
+        d20, d21, d22, d23 = r2[q] - r1[q], r2[q + 1] - r1[q + 1], \
+            r2[q + 2] - r1[q + 2], r2[q + 3] - r1[q + 3]
+        d30, d31, d32, d33 = r1[q] - r3[q], r1[q + 1] - r3[q + 1], \
+            r1[q + 2] - r3[q + 2], r1[q + 3] - r3[q + 3]
+        t = base + tw
+        _input_tile_row(vf, t, stride, 0, d00, d01, d02, d03)
+        _input_tile_row(vf, t, stride, 4, d10, d11, d12, d13)
+        _input_tile_row(vf, t, stride, 8, d20, d21, d22, d23)
+        _input_tile_row(vf, t, stride, 12, d30, d31, d32, d33)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _input_tile_row(vf, t, stride, k0, d0, d1, d2, d3):
+    """Elements k0..k0 + 3: one row (d0..d3) of B^T d times B."""
+    vf[t + k0 * stride] = d0 - d2
+    vf[t + (k0 + 1) * stride] = d1 + d2
+    vf[t + (k0 + 2) * stride] = d2 - d1
+    vf[t + (k0 + 3) * stride] = d1 - d3
 
 
 @njit(cache=True, nogil=True)
-def _winograd_output(M, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
-    """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A: tile (th, tw) holds outputs
-    (ph + dh*u, pw + dw*v) for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
+def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+    """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A, M's planes in mf as in
+    ``_winograd_input``: tile (th, tw) holds outputs (ph + dh*u, pw + dw*v) for u = 2*th,
+    2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
     c_out = y3.shape[0]
+    full = wv // 2  # tiles whose two columns are both outputs
     for co in range(c_out):
         b = b1[co]
-        out = y3[co]
         for th in range(th0, th1):
             u = 2 * th
-            oh, oh1 = ph + dh * u, ph + dh * (u + 1)
-            t0 = (th - th0) * tw_n
-            for tw in range(tw_n):
-                m = M[:, co, t0 + tw]
-                s00 = m[0] + m[4] + m[8]
-                s01 = m[1] + m[5] + m[9]
-                s02 = m[2] + m[6] + m[10]
-                s03 = m[3] + m[7] + m[11]
-                s10 = m[4] - m[8] - m[12]
-                s11 = m[5] - m[9] - m[13]
-                s12 = m[6] - m[10] - m[14]
-                s13 = m[7] - m[11] - m[15]
-                v = 2 * tw
-                ow, ow1 = pw + dw * v, pw + dw * (v + 1)
-                out[oh, ow] = b + s00 + s01 + s02
-                if v + 1 < wv:
-                    out[oh, ow1] = b + s01 - s02 - s03
+            base = co * tiles + (th - th0) * tw_n
+            top = y3[co, ph + dh * u]
+            # A last row past the plane goes to a scratch row: the loop stays branch-free.
+            bottom = y3[co, ph + dh * (u + 1)] if u + 1 < hu else np.empty_like(top)
+            _output_tiles(mf, base, stride, top, bottom, b, pw, dw, 0, full)
+            if full < tw_n:  # an odd last column: its tile's left column only
+                t = base + full
+
+                def m(k):
+                    return mf[t + k * stride]
+                ow = pw + dw * 2 * full
+                top[ow] = b + (m(0) + m(4) + m(8)) + (m(1) + m(5) + m(9)) + \
+                    (m(2) + m(6) + m(10))
                 if u + 1 < hu:
-                    out[oh1, ow] = b + s10 + s11 + s12
-                    if v + 1 < wv:
-                        out[oh1, ow1] = b + s11 - s12 - s13
+                    bottom[ow] = b + (m(4) - m(8) - m(12)) + (m(5) - m(9) - m(13)) + \
+                        (m(6) - m(10) - m(14))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _output_tiles(mf, base, stride, top, bottom, b, pw, dw, tw0, tw1):
+    """Tiles [tw0, tw1) of one band: top/bottom[pw + dw*(2*tw + e)] = b + (A^T M A)[., e],
+    M's element k of tile tw at mf[base + k*stride + tw] (see ``_input_tiles``)."""
+    if base < 0 or stride < 0 or pw < 0 or dw < 1:
+        return
+    for tw in range(tw0, tw1):
+        t = base + tw
+        m0, m1, m2, m3 = mf[t], mf[t + stride], mf[t + 2 * stride], mf[t + 3 * stride]
+        m4, m5, m6, m7 = mf[t + 4 * stride], mf[t + 5 * stride], mf[t + 6 * stride], \
+            mf[t + 7 * stride]
+        m8, m9, m10, m11 = mf[t + 8 * stride], mf[t + 9 * stride], mf[t + 10 * stride], \
+            mf[t + 11 * stride]
+        m12, m13, m14, m15 = mf[t + 12 * stride], mf[t + 13 * stride], \
+            mf[t + 14 * stride], mf[t + 15 * stride]
+        s00 = m0 + m4 + m8
+        s01 = m1 + m5 + m9
+        s02 = m2 + m6 + m10
+        s03 = m3 + m7 + m11
+        s10 = m4 - m8 - m12
+        s11 = m5 - m9 - m13
+        s12 = m6 - m10 - m14
+        s13 = m7 - m11 - m15
+        ow = pw + dw * 2 * tw
+        top[ow] = b + s00 + s01 + s02
+        top[ow + dw] = b + s01 - s02 - s03
+        bottom[ow] = b + s10 + s11 + s12
+        bottom[ow + dw] = b + s11 - s12 - s13
 
 
 @njit(cache=True, nogil=True)
@@ -784,13 +851,14 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
             continue
         th1 = min(th_n, th0 + rows)
         tiles = (th1 - th0) * tw_n
-        V = np.empty((16, c_in, tiles), dtype=x4.dtype)
-        M = np.empty((16, c_out, tiles), dtype=x4.dtype)
+        vs, ms = _plane_stride(c_in * tiles, x4.itemsize), _plane_stride(c_out * tiles, x4.itemsize)
+        V = np.empty(16 * vs, dtype=x4.dtype)
+        M = np.empty(16 * ms, dtype=x4.dtype)
         buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
-        _winograd_input(x4[n], V, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
+        _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
         for k in range(16):
-            np.dot(U[k], V[k], M[k])
-        _winograd_output(M, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+            np.dot(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
+        _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
 
 
 # The weight gradient is Winograd F(3x3, 2x2), the dual of F(2x2, 3x3) (transposition
@@ -798,24 +866,17 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
 # D the forward's 4x4 input patch, A = [[1, 0], [1, 1], [1, -1], [0, -1]]. The sum over tiles
 # is 16 GEMMs (C_out, tiles) @ (tiles, C_in): tiles are the long, inner dimension.
 @njit(cache=True, nogil=True)
-def _grad_tile_row(U, r, co, t, x0, x1):
-    U[4 * r, co, t] = x0
-    U[4 * r + 1, co, t] = x0 + x1
-    U[4 * r + 2, co, t] = x0 - x1
-    U[4 * r + 3, co, t] = -x1
-
-
-@njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, U, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
-    """U[:, co, t] = A H A^T for the 2x2 grad_out tile H of phase (ph, pw) (see
-    ``_winograd_output``), zero past the phase's last row or column."""
+def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+    """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the 2x2 grad_out
+    tile H of phase (ph, pw) (see ``_winograd_output``), zero past the phase's last row or
+    column."""
     c_out = gy3.shape[0]
     for co in range(c_out):
         g = gy3[co]
         for th in range(th0, th1):
             oh, oh1 = ph + dh * 2 * th, ph + dh * (2 * th + 1)
             last_row = 2 * th + 1 >= hu
-            t0 = (th - th0) * tw_n
+            t0 = co * tiles + (th - th0) * tw_n
             for tw in range(tw_n):
                 ow, ow1 = pw + dw * 2 * tw, pw + dw * (2 * tw + 1)
                 last_col = 2 * tw + 1 >= wv
@@ -824,11 +885,27 @@ def _winograd_grad_tiles(gy3, U, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
                 h01 = zero if last_col else g[oh, ow1]
                 h10 = zero if last_row else g[oh1, ow]
                 h11 = zero if last_row or last_col else g[oh1, ow1]
-                t = t0 + tw
-                _grad_tile_row(U, 0, co, t, h00, h01)  # rows of A H, then each times A^T
-                _grad_tile_row(U, 1, co, t, h00 + h10, h01 + h11)
-                _grad_tile_row(U, 2, co, t, h00 - h10, h01 - h11)
-                _grad_tile_row(U, 3, co, t, -h10, -h11)
+                _grad_tile(uf, t0 + tw, stride, h00, h01, h10, h11)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _grad_tile(uf, t, stride, h00, h01, h10, h11):
+    """uf[t + k*stride] = element k of A H A^T: the rows of A H, then each times A^T."""
+    if t < 0 or stride < 0:
+        return
+    _grad_tile_row(uf, t, stride, 0, h00, h01)
+    _grad_tile_row(uf, t, stride, 4, h00 + h10, h01 + h11)
+    _grad_tile_row(uf, t, stride, 8, h00 - h10, h01 - h11)
+    _grad_tile_row(uf, t, stride, 12, -h10, -h11)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _grad_tile_row(uf, t, stride, k0, x0, x1):
+    """Elements k0..k0 + 3: one row (x0, x1) of A H times A^T."""
+    uf[t + k0 * stride] = x0
+    uf[t + (k0 + 1) * stride] = x0 + x1
+    uf[t + (k0 + 2) * stride] = x0 - x1
+    uf[t + (k0 + 3) * stride] = -x1
 
 
 @njit(cache=True, parallel=True)
@@ -844,8 +921,8 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows):
     for p in prange(chunks_p):
         acc = part[p]
         acc[:] = 0
-        V = np.empty(16 * c_in * tiles_max, dtype=x4.dtype)
-        U = np.empty(16 * c_out * tiles_max, dtype=x4.dtype)
+        V = np.empty(16 * _plane_stride(c_in * tiles_max, x4.itemsize), dtype=x4.dtype)
+        U = np.empty(16 * _plane_stride(c_out * tiles_max, x4.itemsize), dtype=x4.dtype)
         tmp = np.empty((c_out, c_in), dtype=x4.dtype)
         buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
         for n in range(p * n_img // chunks_p, (p + 1) * n_img // chunks_p):
@@ -865,14 +942,13 @@ def _winograd_chunk_products(x3, gy3, V, U, tmp, acc, buf, pt, pl, ph, pw, dh, d
     """acc[k] += U[k] @ V[k]^T over the tiles of rows [th0, th1) of phase (ph, pw)."""
     c_in, c_out = x3.shape[0], gy3.shape[0]
     tiles = (th1 - th0) * tw_n
-    # C-contiguous views of the buffers' fronts (a chunk may be short): np.dot needs
-    # contiguous operands.
-    Vc = V[:16 * c_in * tiles].reshape(16, c_in, tiles)
-    Uc = U[:16 * c_out * tiles].reshape(16, c_out, tiles)
-    _winograd_input(x3, Vc, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
-    _winograd_grad_tiles(gy3, Uc, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+    # Planes packed for this chunk's tile count (a chunk may be short): np.dot needs each
+    # C-contiguous.
+    vs, us = _plane_stride(c_in * tiles, x3.itemsize), _plane_stride(c_out * tiles, x3.itemsize)
+    _winograd_input(x3, V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
+    _winograd_grad_tiles(gy3, U, us, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
     for k in range(16):
-        np.dot(Uc[k], Vc[k].T, tmp)
+        np.dot(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, tmp)
         acc[k] += tmp
 
 
