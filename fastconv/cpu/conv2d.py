@@ -642,11 +642,12 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
 # 3x3 layers the worst error against a float64 result was 1-3x PyTorch's own (see README).
 # Tiles per work item: V and M (16 x channels x tiles each) within half of a 1 MiB L2.
 _WINOGRAD_BYTES = 512 * 1024
-# Tiles per chunk of the weight gradient, whose GEMMs run over tiles; and the largest output
-# plane it is used for (measured, 2 threads: 64x56x56 batch 8 9.3 vs 16.6 ms for im2col,
-# 256x14x14 11.6 vs 13.1 ms, but 128x112x112 batch 2 62 vs 48 ms).
+# Tiles per chunk of the weight gradient, whose GEMMs run over tiles. It beats im2col on every
+# plane measured (2 threads, ms, Winograd vs im2col: 128x112x112 batch 2 29 vs 43, 16x224x224
+# 4.2 vs 5.0, 8->32 160x160 2.4 vs 2.4, 256->64 100x100 25.7 vs 24.7; earlier 64x56x56 batch
+# 8 9.3 vs 16.6, 256x14x14 11.6 vs 13.1). (Large planes once lost, 62 vs 48 ms, before the
+# transform planes were spaced apart: see _plane_stride.)
 _WINOGRAD_WGRAD_TILES = 256
-_WINOGRAD_WGRAD_PLANE = 64 * 64
 
 
 # The 16 transform planes of a chunk (V, M, the weight gradient's U) are written or read as 16
@@ -1117,7 +1118,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     gw = _runtime.empty(tuple(weight_shape), x.dtype)
     if n == 0:
         return gw.zero_()
-    if _is_winograd(params, weight_shape) and ho * wo <= _WINOGRAD_WGRAD_PLANE:
+    if _is_winograd(params, weight_shape):
         top, _, left, _ = params.padding
         xn, gyn = _np(x), _np(grad_out)
         chunks = min(n, engine_threads())
