@@ -305,6 +305,22 @@ def test_winograd_random_layers(case):
                          scale="tensor")
 
 
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_winograd_plane_stride(itemsize):
+    """The 16 transform planes of a Winograd chunk are an odd number of 64-byte lines apart,
+    so their 16 streams fall in 16 different L1 sets (at a multiple of 4 KiB apart they all
+    fell in one), and each plane still holds its n elements."""
+    from fastconv.cpu.conv2d import _plane_stride
+
+    for n in [1, 15, 16, 17, 1024, 7168, 128 * 56, 64 * 112, 3 * 4096 + 5]:
+        stride = _plane_stride(n, itemsize)
+        nbytes = stride * itemsize
+        assert stride >= n and nbytes % 64 == 0 and (nbytes // 64) % 2 == 1, (n, stride)
+        assert nbytes - n * itemsize < 128
+        sets = {(k * nbytes // 64) % 64 for k in range(16)}  # 64 sets of a 32 KiB 8-way L1
+        assert len(sets) == 16, (n, stride)
+
+
 def test_winograd_gradgradcheck():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 8, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
