@@ -674,8 +674,13 @@ def _winograd_filter_kernel(w4, U):
     """U[:, co, ci] = G w4[co, ci] G^T flattened (16,), G = [[1, 0, 0], [1/2, 1/2, 1/2],
     [1/2, -1/2, 1/2], [0, 0, 1]], in float64 and rounded once."""
     c_out, c_in = w4.shape[0], w4.shape[1]
+    # One output channel's 16 rows of U are built in a local buffer, then copied out a row
+    # at a time: written straight into U, each (co, ci) was 16 stores C_out*C_in apart, in
+    # one L1 set when that is a multiple of 4 KiB (256x256: 1.2 ms a call; see _plane_stride).
+    ls = _plane_stride(c_in, 8)
     for co in prange(c_out):
         t = np.empty((4, 3))
+        loc = np.empty(16 * ls)
         for ci in range(c_in):
             g = w4[co, ci]
             for j in range(3):  # t = G g
@@ -684,10 +689,12 @@ def _winograd_filter_kernel(w4, U):
                     0.5 * (g0 - g1 + g2), g2
             for a in range(4):  # U = t G^T
                 t0, t1, t2 = t[a, 0], t[a, 1], t[a, 2]
-                U[4 * a, co, ci] = t0
-                U[4 * a + 1, co, ci] = 0.5 * (t0 + t1 + t2)
-                U[4 * a + 2, co, ci] = 0.5 * (t0 - t1 + t2)
-                U[4 * a + 3, co, ci] = t2
+                loc[4 * a * ls + ci] = t0
+                loc[(4 * a + 1) * ls + ci] = 0.5 * (t0 + t1 + t2)
+                loc[(4 * a + 2) * ls + ci] = 0.5 * (t0 - t1 + t2)
+                loc[(4 * a + 3) * ls + ci] = t2
+        for k in range(16):
+            copy_at(U[k, co], 0, loc, k * ls, c_in)
 
 
 def _winograd_filter(w: np.ndarray) -> np.ndarray:
@@ -957,15 +964,19 @@ def _winograd_chunk_products(x3, gy3, V, U, tmp, acc, buf, pt, pl, ph, pw, dh, d
 def _winograd_weight_output(part, gw4):
     """gw4 (C_out, C_in, 3, 3) = G^T M G, M the chunks' sum in chunk order."""
     chunks_p, c_out, c_in = part.shape[0], part.shape[2], part.shape[3]
+    # The chunks' sums for one output channel are taken a row of part at a time into a local
+    # buffer (rows spaced as in _plane_stride), not 16 * P loads C_out*C_in apart per (co, ci).
+    ls = _plane_stride(c_in, 8)
     for co in prange(c_out):
         m = np.empty(16)
         t = np.empty((3, 4))
+        sums = np.zeros(16 * ls)
+        for p in range(chunks_p):
+            for k in range(16):
+                add_at(sums, k * ls, part[p, k, co], 0, c_in)
         for ci in range(c_in):
             for k in range(16):
-                v = 0.0
-                for p in range(chunks_p):
-                    v += part[p, k, co, ci]
-                m[k] = v
+                m[k] = sums[k * ls + ci]
             for c in range(4):  # t = G^T m
                 m0, m1, m2, m3 = m[c], m[4 + c], m[8 + c], m[12 + c]
                 t[0, c] = m0 + 0.5 * (m1 + m2)
