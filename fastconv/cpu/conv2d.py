@@ -648,6 +648,11 @@ _WINOGRAD_BYTES = 512 * 1024
 # 8 9.3 vs 16.6, 256x14x14 11.6 vs 13.1). (Large planes once lost, 62 vs 48 ms, before the
 # transform planes were spaced apart: see _plane_stride.)
 _WINOGRAD_WGRAD_TILES = 256
+# Planes of few tiles instead take whole images per chunk, up to about this many tiles: the
+# 16 tiles of a 7x7 plane made 16-deep GEMMs (measured, one thread, batch 8: 512x512 on 7x7
+# 40 -> 23 ms; 256x256 on 14x14, 49 tiles, 17.5 -> 15.5 ms at 98 tiles a chunk but 19.5 ms
+# at 245, its transform planes then far larger than L2).
+_WINOGRAD_WGRAD_IMAGE_TILES = 128
 
 
 # The 16 transform planes of a chunk (V, M, the weight gradient's U) are written or read as 16
@@ -706,10 +711,10 @@ def _winograd_filter(w: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, buf):
+def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, buf, t_off=0):
     """Plane k of vf (element c*tiles + t at k*stride + c*tiles + t, see ``_plane_stride``)
-    = element k of B^T d B for tile t = (th - th0)*tw_n + tw of tile rows [th0, th1); d is
-    the 4x4 patch of input rows top + dh*(2*th + a), columns left + dw*(2*tw + b), zeros
+    = element k of B^T d B for tile t = t_off + (th - th0)*tw_n + tw of tile rows [th0, th1);
+    d is the 4x4 patch of input rows top + dh*(2*th + a), columns left + dw*(2*tw + b), zeros
     outside the input. ``buf`` (4, >= 2*tw_n + 2) holds a band of patch rows, zero-padded, so
     the tile loop is branch-free."""
     c_in, h, w = x3.shape
@@ -734,8 +739,8 @@ def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, bu
                     for q in range(wb):
                         iw = left + dw * q
                         row[q] = src[iw] if 0 <= iw < w else 0
-            _input_tiles(buf[0], buf[1], buf[2], buf[3], vf, c * tiles + (th - th0) * tw_n,
-                         stride, tw_n)
+            _input_tiles(buf[0], buf[1], buf[2], buf[3], vf,
+                         c * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -874,7 +879,8 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
 # D the forward's 4x4 input patch, A = [[1, 0], [1, 1], [1, -1], [0, -1]]. The sum over tiles
 # is 16 GEMMs (C_out, tiles) @ (tiles, C_in): tiles are the long, inner dimension.
 @njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n,
+                         t_off=0):
     """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the 2x2 grad_out
     tile H of phase (ph, pw) (see ``_winograd_output``), zero past the phase's last row or
     column."""
@@ -884,7 +890,7 @@ def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th
         for th in range(th0, th1):
             oh, oh1 = ph + dh * 2 * th, ph + dh * (2 * th + 1)
             last_row = 2 * th + 1 >= hu
-            t0 = co * tiles + (th - th0) * tw_n
+            t0 = co * tiles + t_off + (th - th0) * tw_n
             for tw in range(tw_n):
                 ow, ow1 = pw + dw * 2 * tw, pw + dw * (2 * tw + 1)
                 last_col = 2 * tw + 1 >= wv
@@ -917,15 +923,20 @@ def _grad_tile_row(uf, t, stride, k0, x0, x1):
 
 
 @njit(cache=True, parallel=True)
-def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows):
+def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
     """part (P, 16, C_out, C_in): chunk p's sum over its images (a fixed split of the batch,
     so the sum order depends only on P) of the transformed tile products, every dilation
-    phase and tile in order."""
+    phase and tile in order. The products are taken ``per`` whole images at a time (small
+    planes), or else ``rows`` tile rows of one phase at a time."""
     n_img, c_in = x4.shape[0], x4.shape[1]
     c_out, ho, wo = gy4.shape[1], gy4.shape[2], gy4.shape[3]
     chunks_p = part.shape[0]
     tw_max = (-(-wo // dw) + 1) // 2
-    tiles_max = rows * tw_max
+    tiles_img = 0
+    for phase in range(dh * dw):
+        _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+        tiles_img += th_n * tw_n
+    tiles_max = max(rows * tw_max, per * tiles_img)
     for p in prange(chunks_p):
         acc = part[p]
         acc[:] = 0
@@ -933,28 +944,49 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows):
         U = np.empty(16 * _plane_stride(c_out * tiles_max, x4.itemsize), dtype=x4.dtype)
         tmp = np.empty((c_out, c_in), dtype=x4.dtype)
         buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
-        for n in range(p * n_img // chunks_p, (p + 1) * n_img // chunks_p):
+        n0, n1 = p * n_img // chunks_p, (p + 1) * n_img // chunks_p
+        if per > 1:
+            for g0 in range(n0, n1, per):
+                g1 = min(n1, g0 + per)
+                tiles = (g1 - g0) * tiles_img
+                vs = _plane_stride(c_in * tiles, x4.itemsize)
+                us = _plane_stride(c_out * tiles, x4.itemsize)
+                t_off = 0
+                for n in range(g0, g1):
+                    for phase in range(dh * dw):
+                        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+                        if tw_n == 0:
+                            continue
+                        _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, 0, th_n,
+                                        tw_n, buf, t_off)
+                        _winograd_grad_tiles(gy4[n], U, us, tiles, ph, pw, dh, dw, hu, wv, 0,
+                                             th_n, tw_n, t_off)
+                        t_off += th_n * tw_n
+                _winograd_products(V, U, vs, us, tiles, tmp, acc)
+            continue
+        for n in range(n0, n1):
             for phase in range(dh * dw):
                 ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
                 if tw_n == 0:
                     continue
                 for th0 in range(0, th_n, rows):
-                    _winograd_chunk_products(x4[n], gy4[n], V, U, tmp, acc, buf, pt, pl, ph,
-                                             pw, dh, dw, hu, wv, th0,
-                                             min(th_n, th0 + rows), tw_n)
+                    th1 = min(th_n, th0 + rows)
+                    tiles = (th1 - th0) * tw_n
+                    # Planes packed for this chunk's tile count (a chunk may be short): np.dot
+                    # needs each C-contiguous.
+                    vs = _plane_stride(c_in * tiles, x4.itemsize)
+                    us = _plane_stride(c_out * tiles, x4.itemsize)
+                    _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1,
+                                    tw_n, buf)
+                    _winograd_grad_tiles(gy4[n], U, us, tiles, ph, pw, dh, dw, hu, wv, th0,
+                                         th1, tw_n)
+                    _winograd_products(V, U, vs, us, tiles, tmp, acc)
 
 
 @njit(cache=True, nogil=True)
-def _winograd_chunk_products(x3, gy3, V, U, tmp, acc, buf, pt, pl, ph, pw, dh, dw, hu, wv,
-                             th0, th1, tw_n):
-    """acc[k] += U[k] @ V[k]^T over the tiles of rows [th0, th1) of phase (ph, pw)."""
-    c_in, c_out = x3.shape[0], gy3.shape[0]
-    tiles = (th1 - th0) * tw_n
-    # Planes packed for this chunk's tile count (a chunk may be short): np.dot needs each
-    # C-contiguous.
-    vs, us = _plane_stride(c_in * tiles, x3.itemsize), _plane_stride(c_out * tiles, x3.itemsize)
-    _winograd_input(x3, V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
-    _winograd_grad_tiles(gy3, U, us, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+def _winograd_products(V, U, vs, us, tiles, tmp, acc):
+    """acc[k] += U[k] @ V[k]^T over a chunk's tiles (planes as in ``_winograd_input``)."""
+    c_out, c_in = tmp.shape
     for k in range(16):
         np.dot(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, tmp)
         acc[k] += tmp
@@ -994,6 +1026,13 @@ def _is_winograd(params: Conv2dParams, weight_shape) -> bool:
     c_out, cin_g, kh, kw = weight_shape
     return (kh, kw) == (3, 3) and params.stride == (1, 1) and \
         params.groups == 1 and cin_g >= 8 and c_out >= 8
+
+
+def _winograd_image_tiles(out_hw, dilation) -> int:
+    """2x2 output tiles of one image, over all its dilation phases."""
+    (ho, wo), (dh, dw) = out_hw, dilation
+    return sum(-(-(-(-(ho - a) // dh)) // 2) * -(-(-(-(wo - b) // dw)) // 2)
+               for a in range(min(dh, ho)) for b in range(min(dw, wo)))
 
 
 def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int) -> int:
@@ -1065,7 +1104,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if per > 1:
         with parallel_region(-(-n // per) * g):
             _pointwise_packed(xn.reshape(n, g, cin_g, h * w),
-                              _np(weight).reshape(g, c_out // g, -1), b2, y.numpy().reshape(n, g, c_out // g, ho * wo),
+                              _np(weight).reshape(g, c_out // g, -1), b2,
+                              y.numpy().reshape(n, g, c_out // g, ho * wo),
                               bias is not None, False, per)
         return y
     with parallel_region(n * g):
@@ -1140,7 +1180,10 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
             dh, dw = params.dilation
             tw_n = (-(-wo // dw) + 1) // 2  # tile columns of the widest dilation phase
             rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
-            _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows)
+            # Small planes: whole images per chunk (see _WINOGRAD_WGRAD_IMAGE_TILES).
+            per = max(1, min(-(-n // chunks), _WINOGRAD_WGRAD_IMAGE_TILES //
+                             _winograd_image_tiles((ho, wo), params.dilation)))
+            _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows, per)
         with parallel_region(c_out):
             _winograd_weight_output(part, gw.numpy())
         return gw
