@@ -642,6 +642,12 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
 # 3x3 layers the worst error against a float64 result was 1-3x PyTorch's own (see README).
 # Tiles per work item: V and M (16 x channels x tiles each) within half of a 1 MiB L2.
 _WINOGRAD_BYTES = 512 * 1024
+# Fewer tiles than this in an image: whole images per work item instead, so each chunk's 16
+# GEMMs have about this many columns and each pass over U (16 C_out x C_in matrices, 16 MiB
+# for 512 channels) serves them all (measured, 2 threads: 512x512 on 7x7, batch 8, 24 ->
+# 11.3 ms; 16 and 32 channels on 8x8 and 4x4, batch 32, 0.35 -> 0.19 ms; 128 tiles was worse
+# for 256 channels on 14x14, 7 -> 10 ms, its V and M then far past L2).
+_WINOGRAD_MIN_TILES = 64
 # Tiles per chunk of the weight gradient, whose GEMMs run over tiles. It beats im2col on every
 # plane measured (2 threads, ms, Winograd vs im2col: 128x112x112 batch 2 29 vs 43, 16x224x224
 # 4.2 vs 5.0, 8->32 160x160 2.4 vs 2.4, 256->64 100x100 25.7 vs 24.7; earlier 64x56x56 batch
@@ -778,17 +784,18 @@ def _input_tile_row(vf, t, stride, k0, d0, d1, d2, d3):
 
 
 @njit(cache=True, nogil=True)
-def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n):
+def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n,
+                     t_off=0):
     """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A, M's planes in mf as in
-    ``_winograd_input``: tile (th, tw) holds outputs (ph + dh*u, pw + dw*v) for u = 2*th,
-    2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
+    ``_winograd_input`` (from tile t_off): tile (th, tw) holds outputs (ph + dh*u, pw + dw*v)
+    for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
     c_out = y3.shape[0]
     full = wv // 2  # tiles whose two columns are both outputs
     for co in range(c_out):
         b = b1[co]
         for th in range(th0, th1):
             u = 2 * th
-            base = co * tiles + (th - th0) * tw_n
+            base = co * tiles + t_off + (th - th0) * tw_n
             top = y3[co, ph + dh * u]
             # A last row past the plane goes to a scratch row: the loop stays branch-free.
             bottom = y3[co, ph + dh * (u + 1)] if u + 1 < hu else np.empty_like(top)
@@ -847,15 +854,26 @@ def _phase(ho, wo, dh, dw, phase):
 
 
 @njit(cache=True, parallel=True)
-def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
+def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
     """y4 (N, C_out, Ho, Wo) = b1 + x4 (N, C_in, H, W) convolved with the 3x3 filters whose
     transform is U (16, C_out, C_in), at padding (pt, pl) (any sign: a negative pad crops) and
-    dilation (dh, dw). Work items: (image, dilation phase, chunk of ``rows`` tile rows)."""
+    dilation (dh, dw). Work items: (image, dilation phase, chunk of ``rows`` tile rows), or
+    with ``per`` > 1 groups of ``per`` whole images (small planes)."""
     n_img, c_in = x4.shape[0], x4.shape[1]
     c_out, ho, wo = y4.shape[1], y4.shape[2], y4.shape[3]
     phases = dh * dw
-    chunks = ((-(-ho // dh) + 1) // 2 + rows - 1) // rows  # phase 0 has the most tile rows
     tw_max = (-(-wo // dw) + 1) // 2
+    if per > 1:
+        tiles_img = 0
+        for phase in range(phases):
+            _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+            tiles_img += th_n * tw_n
+        for grp in prange((n_img + per - 1) // per):
+            n0, n1 = grp * per, min(n_img, grp * per + per)
+            tiles = (n1 - n0) * tiles_img
+            _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max)
+        return
+    chunks = ((-(-ho // dh) + 1) // 2 + rows - 1) // rows  # phase 0 has the most tile rows
     for item in prange(n_img * phases * chunks):
         n, rest = item // (phases * chunks), item % (phases * chunks)
         ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, rest // chunks)
@@ -872,6 +890,35 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows):
         for k in range(16):
             np.dot(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
         _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+
+
+@njit(cache=True, nogil=True)
+def _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max):
+    """Images [n0, n1) as one chunk of ``tiles`` tiles, every phase and tile row: one set of
+    16 GEMMs for them all."""
+    c_in, c_out, ho, wo = x4.shape[1], y4.shape[1], y4.shape[2], y4.shape[3]
+    vs, ms = _plane_stride(c_in * tiles, x4.itemsize), _plane_stride(c_out * tiles, x4.itemsize)
+    V = np.empty(16 * vs, dtype=x4.dtype)
+    M = np.empty(16 * ms, dtype=x4.dtype)
+    buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
+    t_off = 0
+    for n in range(n0, n1):
+        for phase in range(dh * dw):
+            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+            if tw_n > 0:
+                _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, 0, th_n, tw_n,
+                                buf, t_off)
+                t_off += th_n * tw_n
+    for k in range(16):
+        np.dot(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
+    t_off = 0
+    for n in range(n0, n1):
+        for phase in range(dh * dw):
+            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+            if tw_n > 0:
+                _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, 0, th_n, tw_n,
+                                 t_off)
+                t_off += th_n * tw_n
 
 
 # The weight gradient is Winograd F(3x3, 2x2), the dual of F(2x2, 3x3) (transposition
@@ -1049,8 +1096,16 @@ def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt:
     c_out, ho, wo = y.shape[1:]
     dh, dw = dilation
     rows = _winograd_rows(c_in, c_out, (ho, wo), dilation, x.itemsize)
+    tiles_img = _winograd_image_tiles((ho, wo), dilation)
+    per = 1
+    if tiles_img < _WINOGRAD_MIN_TILES:
+        per = min(-(-_WINOGRAD_MIN_TILES // tiles_img), -(-n // engine_threads()))
+    if per > 1:
+        with parallel_region(-(-n // per)):
+            _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows, per)
+        return
     with parallel_region(n * dh * dw * -(-((-(-ho // dh) + 1) // 2) // rows)):
-        _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows)
+        _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows, 1)
 
 
 def _geometry(params: Conv2dParams, kernel_hw, out_hw):
