@@ -1,13 +1,15 @@
 """conv2d on the CPU: Numba kernels, forward and backward.
 
-Algorithm: when each group has one input channel (depthwise, or any conv of a single-channel
-input), direct kernels on zero-padded planes (see "depthwise" below). Otherwise, per work
-item (image n, group g), chunks of whole output rows (~256 columns) are im2col-ed, in the
-"wide" layout of the input's stride-phase planes (see ``_phase_planes``: one contiguous copy
-per tap, any stride), into a (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay
-in L2, and multiplied by the (C_out/groups, K) weight with BLAS. A 1x1 kernel with stride 1
-and no padding skips im2col: the input already is that matrix; on small planes (at most half
-a chunk) several images are packed side by side into one GEMM.
+Algorithm: 3x3 stride-1 layers of one group (and at least 8 channels in and out) run as
+Winograd F(2x2, 3x3) (see "Winograd" below). When each group has one input channel
+(depthwise, or any conv of a single-channel input), direct kernels on zero-padded planes
+(see "depthwise" below). Otherwise, per work item (image n, group g), chunks of whole output
+rows (~256 columns) are im2col-ed, in the "wide" layout of the input's stride-phase planes
+(see ``_phase_planes``: one contiguous copy per tap, any stride), into a (K, chunk) matrix,
+K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied by the (C_out/groups,
+K) weight with BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input
+already is that matrix; on small planes (at most half a chunk) several images are packed
+side by side into one GEMM.
 
 Parallelism and determinism:
 * forward and grad_input: work items (n, g) write disjoint output slices, so ``prange`` over
@@ -634,12 +636,13 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
                 gw3[co, i, j] = acc[i, j]
 
 
-# ---- Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group ------------------------------
+# ---- Winograd F(2x2, 3x3): 3x3, stride 1 (any dilation: one phase at a time), one group -------
 # Y = A^T [ (G g G^T) . (B^T d B) ] A per 2x2 output tile: 16 multiplies where direct
 # convolution does 36, so 2.25x fewer flops, spent as 16 GEMMs U[k] (C_out, C_in) @ V[k]
-# (C_in, tiles) per chunk of tile rows. The transforms add and subtract (B, A) or halve (G),
-# so float32 results differ from direct convolution by a few more roundings: on the bench's
-# 3x3 layers the worst error against a float64 result was 1-3x PyTorch's own (see README).
+# (C_in, tiles) per chunk of tile rows (or of whole images, on small planes). The transforms
+# add and subtract (B, A) or halve (G), so float32 results differ from direct convolution by
+# a few more roundings: on the bench's 3x3 layers the worst error against a float64 result
+# was 1-3x PyTorch's own (see README).
 # Tiles per work item: V and M (16 x channels x tiles each) within half of a 1 MiB L2.
 _WINOGRAD_BYTES = 512 * 1024
 # Fewer tiles than this in an image: whole images per work item instead, so each chunk's 16
