@@ -794,14 +794,15 @@ def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1
     for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
     c_out = y3.shape[0]
     full = wv // 2  # tiles whose two columns are both outputs
+    spare = np.empty(y3.shape[2], dtype=y3.dtype)  # for a last tile row past the plane
     for co in range(c_out):
         b = b1[co]
         for th in range(th0, th1):
             u = 2 * th
             base = co * tiles + t_off + (th - th0) * tw_n
             top = y3[co, ph + dh * u]
-            # A last row past the plane goes to a scratch row: the loop stays branch-free.
-            bottom = y3[co, ph + dh * (u + 1)] if u + 1 < hu else np.empty_like(top)
+            # A last row past the plane goes to the spare row: the loop stays branch-free.
+            bottom = y3[co, ph + dh * (u + 1)] if u + 1 < hu else spare
             _output_tiles(mf, base, stride, top, bottom, b, pw, dw, 0, full)
             if full < tw_n:  # an odd last column: its tile's left column only
                 t = base + full
@@ -856,6 +857,16 @@ def _phase(ho, wo, dh, dw, phase):
     return ph, pw, hu, wv, (hu + 1) // 2, (wv + 1) // 2
 
 
+@njit(cache=True, nogil=True)
+def _image_tiles(ho, wo, dh, dw):
+    """2x2 output tiles of one (Ho, Wo) output image, over all its dilation phases."""
+    tiles = 0
+    for phase in range(dh * dw):
+        _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+        tiles += th_n * tw_n
+    return tiles
+
+
 @njit(cache=True, parallel=True)
 def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
     """y4 (N, C_out, Ho, Wo) = b1 + x4 (N, C_in, H, W) convolved with the 3x3 filters whose
@@ -867,10 +878,7 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
     phases = dh * dw
     tw_max = (-(-wo // dw) + 1) // 2
     if per > 1:
-        tiles_img = 0
-        for phase in range(phases):
-            _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
-            tiles_img += th_n * tw_n
+        tiles_img = _image_tiles(ho, wo, dh, dw)
         for grp in prange((n_img + per - 1) // per):
             n0, n1 = grp * per, min(n_img, grp * per + per)
             tiles = (n1 - n0) * tiles_img
@@ -982,10 +990,7 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
     c_out, ho, wo = gy4.shape[1], gy4.shape[2], gy4.shape[3]
     chunks_p = part.shape[0]
     tw_max = (-(-wo // dw) + 1) // 2
-    tiles_img = 0
-    for phase in range(dh * dw):
-        _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
-        tiles_img += th_n * tw_n
+    tiles_img = _image_tiles(ho, wo, dh, dw)
     tiles_max = max(rows * tw_max, per * tiles_img)
     for p in prange(chunks_p):
         acc = part[p]
@@ -1078,13 +1083,6 @@ def _is_winograd(params: Conv2dParams, weight_shape) -> bool:
         params.groups == 1 and cin_g >= 8 and c_out >= 8
 
 
-def _winograd_image_tiles(out_hw, dilation) -> int:
-    """2x2 output tiles of one image, over all its dilation phases."""
-    (ho, wo), (dh, dw) = out_hw, dilation
-    return sum(-(-(-(-(ho - a) // dh)) // 2) * -(-(-(-(wo - b) // dw)) // 2)
-               for a in range(min(dh, ho)) for b in range(min(dw, wo)))
-
-
 def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int) -> int:
     """Tile rows per work item: V and M (or U) within _WINOGRAD_BYTES."""
     th_n = (-(-out_hw[0] // dilation[0]) + 1) // 2
@@ -1099,7 +1097,7 @@ def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt:
     c_out, ho, wo = y.shape[1:]
     dh, dw = dilation
     rows = _winograd_rows(c_in, c_out, (ho, wo), dilation, x.itemsize)
-    tiles_img = _winograd_image_tiles((ho, wo), dilation)
+    tiles_img = _image_tiles(ho, wo, dh, dw)
     per = 1
     if tiles_img < _WINOGRAD_MIN_TILES:
         per = min(-(-_WINOGRAD_MIN_TILES // tiles_img), -(-n // engine_threads()))
@@ -1240,7 +1238,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
             rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
             # Small planes: whole images per chunk (see _WINOGRAD_WGRAD_IMAGE_TILES).
             per = max(1, min(-(-n // chunks), _WINOGRAD_WGRAD_IMAGE_TILES //
-                             _winograd_image_tiles((ho, wo), params.dilation)))
+                             _image_tiles(ho, wo, dh, dw)))
             _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows, per)
         with parallel_region(c_out):
             _winograd_weight_output(part, gw.numpy())
