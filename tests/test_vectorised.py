@@ -49,8 +49,10 @@ CASES = {
                                                np.zeros(28, np.uint8), pool2d.WINDOW_INDICES,
                                                2, 0, 0, 28, 0, np.uint8(2)),
     # average pooling's pair loops and its backward's gathers
-    "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(56), _f32(28), 2, 0, 0, 28),
-    "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(56), 0, 0, 28),
+    "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(112), 56, 56, _f32(56), 28,
+                                      28, 2, 0, 0, 28),
+    "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(112), 56, 56, 0, 0,
+                                     28),
     # the row adds of average pooling's taps and of conv2d's wide grad-input, and conv2d's
     # bias added in the copy-out
     "_window.add_into": lambda: (_window.add_into, _f32(), _f32(seed=1)),
@@ -90,3 +92,46 @@ def test_the_check_sees_a_loop_that_cannot_vectorise():
     prefix_max(x)
     asm = prefix_max.inspect_asm(prefix_max.signatures[0])
     assert not PACKED.findall(asm)
+
+
+# Stride-2 loops index with unsigned offsets so their loads vectorise as interleaved ones (see
+# _window.U64); with a signed ``x[r0 + 2*t]`` LLVM keeps Numba's negative-index wraparound
+# and emits gathers, several times slower. The pooling pair loops (2-wide windows) and the
+# phase split and merge of strided rows must compile without any.
+STRIDED = {
+    "pool2d._pair_sums": lambda: (pool2d._pair_sums, _f32(112), np.uint64(0), _f32(56),
+                                  np.uint64(0), np.uint64(56)),
+    "pool2d._spread_pairs": CASES["pool2d._spread_pairs"],
+    "_window.phase_split": lambda: (_window.phase_split, _f32(112), 56, 56,
+                                    np.zeros(56, np.float32), 28, 2),
+    "_window.phase_merge": lambda: (_window.phase_merge, _f32(56), 28, _f32(112), 56, 56, 2),
+}
+GATHER = re.compile(r"^\s*v(p?gather|gather)\w*\s", re.MULTILINE)
+INTERLEAVE = re.compile(r"^\s*v(permt2ps|permt2d|shufps|unpck[lh]ps|perm[iq]?\w*)\s.*[yz]mm",
+                        re.MULTILINE)
+
+
+def _interleaved(asm: str) -> bool:
+    """Vector shuffles and no gathers: loads vectorised as interleaved ones."""
+    return not GATHER.findall(asm) and bool(INTERLEAVE.findall(asm))
+
+
+@pytest.mark.parametrize("name", list(STRIDED))
+def test_strided_loop_is_interleaved(name):
+    kernel, *args = STRIDED[name]()
+    asm = _asm(kernel, *args)
+    assert _interleaved(asm), (f"{name}: {len(GATHER.findall(asm))} gathers, "
+                               f"{len(INTERLEAVE.findall(asm))} shuffles: a signed strided "
+                               f"index, or not vectorised")
+
+
+def test_the_check_sees_a_signed_strided_loop():
+    """The same pair sum with a signed index (gathers, or scalar code): the check fails it."""
+    @numba.njit
+    def pair_sum(x, r0, y, n):
+        for t in range(n):
+            y[t] = x[r0 + 2 * t] + x[r0 + 2 * t + 1]
+
+    args = (_f32(112), 0, _f32(56), 56)
+    pair_sum(*args)
+    assert not _interleaved(pair_sum.inspect_asm(pair_sum.signatures[0]))

@@ -30,7 +30,8 @@ from numba import njit, prange
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._window import add_into, covering_rows, first_tap, phase_merge, phase_split, tap_table
+from ._window import (U1, U2, U64, add_at, copy_at, covering_rows, fill_at, first_tap, phase_merge,
+                      phase_split, tap_table)
 
 # Forward work is split into at most this many blocks per thread: enough to balance
 # uneven blocks, few enough that per-block scratch allocation is negligible.
@@ -108,37 +109,46 @@ def _pair_taps(kw, sw, pw, dw, w, wo):
     return True, c0, c1
 
 
-@njit(cache=True, nogil=True)
-def _add_pair_taps(row, y, kw, pw, c0, c1):
-    """y[k] += the window's taps of this row, in tap order: interior columns by the pair loop,
-    edge columns tap by tap (taps outside the row skipped)."""
-    w = row.shape[0]
-    for k in range(c0):
-        for j in range(kw):
-            c = 2 * k - pw + j
-            if 0 <= c < w:
-                y[k] += row[c]
-    # Views from the first interior window: indices that are visibly non-negative need no
-    # wraparound test, which would stop the vectoriser.
-    src, dst = row[2 * c0 - pw:], y[c0:c1]
+# Offsets into whole 1-D arrays, not a view per row (each Numba view takes and drops a
+# reference), and inlined: a call passes each array as seven arguments, which on pooling's
+# short rows is not free either.
+@njit(cache=True, nogil=True, inline="always")
+def _add_pair_taps(x, r0, w, y, y0, wo, kw, pw, c0, c1):
+    """y[y0 + k] += the taps of window k (k < wo) in the input row x[r0 : r0 + w], in tap order:
+    interior columns [c0, c1) by the pair loop, edge columns tap by tap (taps outside the row
+    skipped)."""
+    for part in range(2):  # the edge columns, left then right
+        for k in range(0, c0) if part == 0 else range(c1, wo):
+            for j in range(kw):
+                c = 2 * k - pw + j
+                if 0 <= c < w:
+                    y[y0 + k] += x[r0 + c]
+    if c1 <= c0:
+        return
+    src, dst, n = U64(r0 + 2 * c0 - pw), U64(y0 + c0), U64(c1 - c0)  # interior windows
+    # A loop per width: a test of kw inside makes the third tap a masked gather. (The third
+    # tap, the next pair's first element, is still an unmasked gather: outside the pair.)
     if kw == 2:
-        for t in range(c1 - c0):
-            s = dst[t]
-            s += src[2 * t]
-            s += src[2 * t + 1]
-            dst[t] = s
+        _pair_sums(x, src, y, dst, n)
     else:
-        for t in range(c1 - c0):
-            s = dst[t]
-            s += src[2 * t]
-            s += src[2 * t + 1]
-            s += src[2 * t + 2]
-            dst[t] = s
-    for k in range(c1, y.shape[0]):
-        for j in range(kw):
-            c = 2 * k - pw + j
-            if 0 <= c < w:
-                y[k] += row[c]
+        for t in range(n):
+            u = src + U2 * t
+            s = y[dst + t]
+            s += x[u]
+            s += x[u + U1]
+            s += x[u + U2]
+            y[dst + t] = s
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pair_sums(x, src, y, dst, n):
+    """y[dst + t] += x[src + 2t] then += x[src + 2t + 1], for t < n (uint64 offsets)."""
+    for t in range(n):
+        u = src + U2 * t
+        s = y[dst + t]
+        s += x[u]
+        s += x[u + U1]
+        y[dst + t] = s
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -217,8 +227,9 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
     # (Flat int64 indices beside float32 values vectorise worse in the pair loops than in
     # the phase-row ones: measured slower, so return_indices keeps the phase rows.)
     pair = pair and mode != FLAT_INDICES
+    plen = (w + sw - 1) // sw
     for b in prange(blocks):
-        phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
+        phases = np.empty(sw * plen, dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
             p = item // ho
             oh = item % ho
@@ -240,10 +251,10 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
                                    idx.dtype.type(i * kw))
                     continue
                 if sw > 1:
-                    phase_split(row, phases, sw)
+                    phase_split(row, 0, w, phases, plen, sw)
                 for j in range(kw):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
-                    src = row if sw == 1 else phases[taps[j, 3]]
+                    src = row if sw == 1 else phases[taps[j, 3] * plen:]
                     src = src[start:start + hi - lo]
                     if mode == FLAT_INDICES:
                         _max_into_indexed(src, y[lo:hi], idx[lo:hi],
@@ -320,46 +331,47 @@ def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, p
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _divisors(divs, oh, row_factors, col_factors):
-    """Window (oh, ow)'s divisor, in the data's dtype (float32 data divides in float32, as
-    PyTorch's does): PyTorch's divisor is a product of a row and a column factor."""
-    for ow in range(divs.shape[0]):
-        divs[ow] = row_factors[oh] * col_factors[ow]
+def _divide_row(y, y0, n, row_factor, col_factors):
+    """y[y0 + k] /= row_factor * col_factors[k] for k < n: PyTorch's divisor, made in the
+    data's dtype (float32 data divides in float32, as PyTorch's does)."""
+    for k in range(n):
+        y[y0 + k] = y[y0 + k] / y.dtype.type(row_factor * col_factors[k])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
+    x, y = x3.reshape(-1), y3.reshape(-1)
     items = planes * ho
     taps = tap_table(kw, sw, pw, 1, w, wo)
     pair, c0, c1 = _pair_taps(kw, sw, pw, 1, w, wo)
+    plen = (w + sw - 1) // sw
     for b in prange(blocks):
-        phases = np.empty((sw, (w + sw - 1) // sw), dtype=x3.dtype)
-        divs = np.empty(wo, dtype=y3.dtype)
+        phases = np.empty(sw * plen, dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
             p = item // ho
             oh = item % ho
-            y = y3[p, oh]
-            y[:] = 0
+            y0 = item * wo
+            fill_at(y, y0, wo, 0)
             hs = oh * sh - ph
             for i in range(kh):
                 ih = hs + i
                 if ih < 0 or ih >= h:
                     continue
-                row = x3[p, ih]
+                r0 = (p * h + ih) * w
                 if pair:
-                    _add_pair_taps(row, y, kw, pw, c0, c1)
+                    _add_pair_taps(x, r0, w, y, y0, wo, kw, pw, c0, c1)
                     continue
                 if sw > 1:
-                    phase_split(row, phases, sw)
+                    phase_split(x, r0, w, phases, plen, sw)
                 for j in range(kw):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
-                    src = row if sw == 1 else phases[taps[j, 3]]
-                    add_into(y[lo:hi], src[start:start + hi - lo])
-            _divisors(divs, oh, row_factors, col_factors)
-            for ow in range(wo):
-                y[ow] /= divs[ow]
+                    if sw == 1:
+                        add_at(y, y0 + lo, x, r0 + start, hi - lo)
+                    else:
+                        add_at(y, y0 + lo, phases, taps[j, 3] * plen + start, hi - lo)
+            _divide_row(y, U64(y0), U64(wo), row_factors[oh], col_factors)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -370,60 +382,61 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
     Each tap adds a contiguous run of outputs into one phase of the row (see phase_split)."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
+    gy, gx = gy3.reshape(-1), gx3.reshape(-1)
     items = planes * h
     taps = tap_table(kw, sw, pw, 1, w, wo)
     # Non-overlapping 2-wide windows at stride 2 (2x2/s2): each element of a row gets one
     # term per window row, so the pair loop's writes are independent and vectorise.
     pair, c0, c1 = _pair_taps(kw, sw, pw, 1, w, wo)
     pair = pair and kw == 2
+    plen = (w + sw - 1) // sw
     for b in prange(blocks):
-        phases = np.empty((sw, (w + sw - 1) // sw), dtype=gx3.dtype)
+        phases = np.empty(sw * plen, dtype=gx3.dtype)
         g = np.empty(wo, dtype=gx3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
             p = item // h
             ih = item % h
-            row = gx3[p, ih]
+            r0 = item * w  # input row (p, ih)
             if sw == 1 or pair:
-                row[:] = 0
+                fill_at(gx, r0, w, 0)
             else:
-                phases[:] = 0
+                fill_at(phases, 0, sw * plen, 0)
             oh0, oh1 = covering_rows(ih, kh, sh, ph, 1, ho)
             for oh in range(oh0, oh1):
-                _divisors(g, oh, row_factors, col_factors)
-                gy = gy3[p, oh]
-                for ow in range(wo):
-                    g[ow] = gy[ow] / g[ow]
+                copy_at(g, 0, gy, (p * ho + oh) * wo, wo)
+                _divide_row(g, U64(0), U64(wo), row_factors[oh], col_factors)
                 if pair:
-                    _spread_pairs(g, row, pw, c0, c1)
+                    _spread_pairs(g, gx, r0, w, pw, c0, c1)
                     continue
                 for j in range(kw - 1, -1, -1):
                     lo, hi, start = taps[j, 0], taps[j, 1], taps[j, 2]
-                    dst = row if sw == 1 else phases[taps[j, 3]]
-                    add_into(dst[start:start + hi - lo], g[lo:hi])
+                    if sw == 1:
+                        add_at(gx, r0 + start, g, lo, hi - lo)
+                    else:
+                        add_at(phases, taps[j, 3] * plen + start, g, lo, hi - lo)
             if sw > 1 and not pair:
-                phase_merge(phases, row, sw)
+                phase_merge(phases, plen, gx, r0, w, sw)
 
 
-@njit(cache=True, nogil=True)
-def _spread_pairs(g, row, pw, c0, c1):
-    """row[2k - pw + j] += g[k] for j = 0, 1 (2-wide windows at stride 2, which do not
-    overlap): the interior by a pair loop, the edge windows tap by tap."""
-    w = row.shape[0]
-    for k in range(c0):
-        for j in range(2):
-            c = 2 * k - pw + j
-            if 0 <= c < w:
-                row[c] += g[k]
-    src, dst = g[c0:c1], row[2 * c0 - pw:]  # non-negative indices: see _add_pair_taps
-    for t in range(c1 - c0):
-        v = src[t]
-        dst[2 * t] += v
-        dst[2 * t + 1] += v
-    for k in range(c1, g.shape[0]):
-        for j in range(2):
-            c = 2 * k - pw + j
-            if 0 <= c < w:
-                row[c] += g[k]
+@njit(cache=True, nogil=True, inline="always")
+def _spread_pairs(g, gx, r0, w, pw, c0, c1):
+    """gx[r0 + 2k - pw + j] += g[k] for j = 0, 1 (2-wide windows at stride 2, which do not
+    overlap; gx[r0 : r0 + w] is the input row): the interior by a pair loop, the edge windows
+    tap by tap."""
+    wo = g.shape[0]
+    for part in range(2):  # the edge windows, left then right
+        for k in range(0, c0) if part == 0 else range(c1, wo):
+            for j in range(2):
+                c = 2 * k - pw + j
+                if 0 <= c < w:
+                    gx[r0 + c] += g[k]
+    if c1 <= c0:
+        return
+    dst = U64(r0 + 2 * c0 - pw)  # the first interior window's first tap
+    for t in range(U64(c1 - c0)):
+        v = g[U64(c0) + t]
+        gx[dst + U2 * t] += v
+        gx[dst + U2 * t + U1] += v
 
 
 def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pad: bool):
