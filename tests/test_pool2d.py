@@ -262,6 +262,32 @@ def test_max_pool2d_saves_only_window_indices(kernel, dtype):
     assert y.grad_fn.saved_tensors[0].dtype == torch.int64
 
 
+@pytest.mark.parametrize("padding", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("count_include_pad, divisor_override",
+                         [(True, None), (False, None), (True, 3)])
+def test_avg_pool2d_2x2_kernels_are_bitwise_torch(padding, ceil_mode, count_include_pad,
+                                                  divisor_override):
+    """2x2/stride-2 average pooling has kernels of its own (cpu/pool2d.py): every option, odd
+    and even sizes (rows and columns in no window, windows reaching into the padding or past
+    the input), -0.0 and ties: the same bits as PyTorch, forward and backward."""
+    opts = dict(kernel_size=2, stride=2, padding=padding, ceil_mode=ceil_mode,
+                count_include_pad=count_include_pad, divisor_override=divisor_override)
+    gen = torch.Generator().manual_seed(sum(padding) + 7 * ceil_mode)
+    for h, w in [(1, 1), (2, 3), (5, 4), (7, 9), (6, 33), (9, 40)]:
+        if min(h + 2 * padding[0], w + 2 * padding[1]) < 2:
+            continue
+        x = torch.randint(-2, 3, (2, 3, h, w), generator=gen).float() * 0.7
+        x[torch.rand(x.shape, generator=gen) < 0.2] = -0.0
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, theirs = fastconv.avg_pool2d(a, **opts), F.avg_pool2d(b, **opts)
+        assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())
+        grad = torch.randn(ours.shape, generator=gen)
+        grad[torch.rand(grad.shape, generator=gen) < 0.2] = -0.0
+        ours.backward(grad), theirs.backward(grad)
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.grad.signbit(), b.grad.signbit())
+
+
 @pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
                                   dict(kernel_size=3, stride=1, padding=1, dilation=2),
                                   dict(kernel_size=(2, 3), stride=(1, 2), ceil_mode=True)])

@@ -98,10 +98,18 @@ def test_the_check_sees_a_loop_that_cannot_vectorise():
 # _window.U64); with a signed ``x[r0 + 2*t]`` LLVM keeps Numba's negative-index wraparound
 # and emits gathers, several times slower. The pooling pair loops (2-wide windows) and the
 # phase split and merge of strided rows must compile without any.
+_FACTORS = (np.full(28, 2), np.full(28, 2))  # 2x2 windows: divide by 2 * 2
 STRIDED = {
     "pool2d._pair_sums": lambda: (pool2d._pair_sums, _f32(112), np.uint64(0), _f32(56),
                                   np.uint64(0), np.uint64(56)),
     "pool2d._spread_pairs": CASES["pool2d._spread_pairs"],
+    # 2x2/s2 average pooling's own kernels, whole (edge code is scalar and gathers nothing)
+    "pool2d._avg_forward_2x2": lambda: (pool2d._avg_forward_2x2,
+                                        _f32(4 * 56 * 56).reshape(4, 56, 56),
+                                        np.zeros((4, 28, 28), np.float32), 4, 0, 0, *_FACTORS),
+    "pool2d._avg_backward_2x2": lambda: (pool2d._avg_backward_2x2,
+                                         _f32(4 * 28 * 28).reshape(4, 28, 28),
+                                         np.zeros((4, 56, 56), np.float32), 4, 0, 0, *_FACTORS),
     "_window.phase_split": lambda: (_window.phase_split, _f32(112), 56, 56,
                                     np.zeros(56, np.float32), 28, 2),
     "_window.phase_merge": lambda: (_window.phase_merge, _f32(56), 28, _f32(112), 56, 56, 2),
