@@ -333,11 +333,18 @@ def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, p
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _divisor(y, row_factor, col_factor):
+    """Window (row, column)'s divisor for data y: PyTorch's divisor is the product of a row and
+    a column factor, made in the data's dtype (float32 data divides in float32, as PyTorch's
+    does)."""
+    return y.dtype.type(row_factor * col_factor)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _divide_row(y, y0, n, row_factor, col_factors):
-    """y[y0 + k] /= row_factor * col_factors[k] for k < n: PyTorch's divisor, made in the
-    data's dtype (float32 data divides in float32, as PyTorch's does)."""
+    """y[y0 + k] /= _divisor(y, row_factor, col_factors[k]) for k < n."""
     for k in range(n):
-        y[y0 + k] = y[y0 + k] / y.dtype.type(row_factor * col_factors[k])
+        y[y0 + k] = y[y0 + k] / _divisor(y, row_factor, col_factors[k])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -464,7 +471,7 @@ def _quad_edges(x, r0, w, y, y0, wo, top, bottom, pw, c0, c1, row_factor, col_fa
                     c = 2 * k - pw + j
                     if 0 <= c < w:
                         s += x[r0 + i * w + c]
-        y[y0 + k] = s / y.dtype.type(row_factor * col_factors[k])
+        y[y0 + k] = s / _divisor(y, row_factor, col_factors[k])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -495,7 +502,7 @@ def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
                 s += x[src + U2 * t + U1]
                 s += x[below + U2 * t]
                 s += x[below + U2 * t + U1]
-                y[dst + t] = s / y.dtype.type(row_factor * col_factors[U64(c0) + t])
+                y[dst + t] = s / _divisor(y, row_factor, col_factors[U64(c0) + t])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -523,14 +530,14 @@ def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors):
                 for k in range(wo):
                     if c0 <= k < c1:
                         continue
-                    v = gy[g0 + k] / gx.dtype.type(row_factor * col_factors[k])
+                    v = gy[g0 + k] / _divisor(gx, row_factor, col_factors[k])
                     for j in range(2):
                         c = 2 * k - pw + j
                         if 0 <= c < w:
                             gx[r0 + c] = zero + v
             dst, src = U64(r0 + lo), U64(g0 + c0)
             for t in range(U64(c1 - c0)):
-                v = zero + gy[src + t] / gx.dtype.type(row_factor * col_factors[U64(c0) + t])
+                v = zero + gy[src + t] / _divisor(gx, row_factor, col_factors[U64(c0) + t])
                 gx[dst + U2 * t] = v
                 gx[dst + U2 * t + U1] = v
 
