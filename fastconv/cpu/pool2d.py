@@ -484,8 +484,12 @@ def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
     _, c0, c1 = _pair_taps(2, 2, pw, 1, w, wo)
     edges = c0 > 0 or c1 < wo
     for b in prange(blocks):
-        for item in range(b * items // blocks, (b + 1) * items // blocks):
-            p, oh = item // ho, item % ho
+        first = b * items // blocks
+        p, oh = first // ho, first % ho - 1  # then counted, not divided, per row
+        for item in range(first, (b + 1) * items // blocks):
+            oh += 1
+            if oh == ho:
+                p, oh = p + 1, 0
             hs = oh * 2 - ph
             r0, y0 = (p * h + hs) * w, item * wo  # r0: the window's top row, maybe padding
             top, bottom = hs >= 0, hs + 1 < h
@@ -516,8 +520,12 @@ def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors):
     lo, hi = max(0, 2 * c0 - pw), max(0, 2 * c1 - pw)  # the interior windows' columns
     zero = gx.dtype.type(0)
     for b in prange(blocks):
-        for item in range(b * items // blocks, (b + 1) * items // blocks):
-            p, ih = item // h, item % h
+        first = b * items // blocks
+        p, ih = first // h, first % h - 1  # then counted, not divided, per row
+        for item in range(first, (b + 1) * items // blocks):
+            ih += 1
+            if ih == h:
+                p, ih = p + 1, 0
             r0 = item * w
             oh = (ih + ph) // 2
             if oh >= ho:  # below the last window
