@@ -297,7 +297,7 @@ def test_large_max_pool2d_is_bitwise_torch(opts, monkeypatch):
     from 32 MiB to 4 MiB here, to keep the test small)."""
     from fastconv.cpu import _runtime
 
-    monkeypatch.setattr(_runtime, "_ADVISE_FROM", 4 << 20)
+    monkeypatch.setattr(_runtime, "_CACHE_FROM", 4 << 20)
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(-3, 4, (8, 20, 96, 97), generator=gen).float()
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -17,10 +17,13 @@ Three hazards, each handled here once for every CPU kernel:
 from __future__ import annotations
 
 import functools
+import math
+import mmap
 import os
 import threading
 
 import numba
+import numpy as np
 import torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
@@ -117,16 +120,23 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 
 # ---------------------------------------------------------------------------- output memory
 # A fresh multi-megabyte tensor is a fresh mmap: its first write takes one page fault per 4 KiB
-# page, which on this class of machine costs more than the kernel that writes it (a 100 MB
-# pooling gradient: ~30 ms of faults, ~8 ms of kernel). With transparent huge pages in
-# "madvise" mode (the common default) an madvise(MADV_HUGEPAGE) on the untouched buffer makes
-# that 2 MiB pages, 512x fewer faults. The memory stays torch's own allocation; the advice is
-# a hint the kernel may ignore. FASTCONV_HUGE_PAGES=0 turns it off.
-# Only from 32 MiB, glibc's largest mmap threshold: a smaller freed buffer soon stays in the
-# heap and is reused without faults, while a madvised fresh one can stall in the kernel's
-# compaction (the 25 MB ResNet-stem output, advised: every few calls 48 ms instead of 21 ms).
+# page, and the kernel zeroes every page first. On this class of machine that costs more than
+# the kernel that writes it (a 100 MB pooling gradient: ~30 ms of faults, ~8 ms of kernel), and
+# PyTorch's CPU allocator pays it on every call: glibc unmaps a freed buffer of 32 MiB and up
+# (its largest mmap threshold) at once. So outputs that large come from a cache of mappings
+# instead, recycled when the tensor on them dies, as PyTorch's CUDA caching allocator does on
+# the GPU: a training loop's second step reuses its first step's pages, already mapped
+# (the 100 MB gradient: ~4.5 ms less per call). Fresh mappings are advised to use transparent
+# huge pages (512x fewer faults where THP is in "madvise" mode, the common default).
+# Smaller buffers stay torch's: glibc keeps them in its heap and reuses them without faults.
+#
+# A recycled tensor wraps its mapping as ``torch.from_numpy`` does, so its storage cannot be
+# resized (``resize_`` to a larger size raises); everything else is an ordinary tensor.
+# FASTCONV_CACHE_MB caps the bytes held idle (default 1024; 0 turns recycling off, and then
+# large outputs are torch.empty, huge-page advised); FASTCONV_HUGE_PAGES=0 turns the advice
+# off. ``fastconv.cpu.empty_cache()`` returns idle mappings to the system.
 _HUGE = 2 << 20
-_ADVISE_FROM = 32 << 20
+_CACHE_FROM = 32 << 20
 
 
 @functools.cache
@@ -136,7 +146,6 @@ def _load_madvise():
             or os.uname().sysname != "Linux":
         return None
     import ctypes
-    import mmap
 
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -147,19 +156,126 @@ def _load_madvise():
         return None
 
 
+def _advise(start: int, nbytes: int) -> None:
+    """Ask for huge pages on the 2 MiB-aligned part of [start, start + nbytes)."""
+    advise = _load_madvise()
+    if advise:
+        lo, hi = (start + _HUGE - 1) & ~(_HUGE - 1), (start + nbytes) & ~(_HUGE - 1)
+        if hi > lo:
+            advise[0](lo, hi - lo, advise[1])  # a refused hint changes nothing
+
+
+def _cache_limit() -> int:
+    raw = os.environ.get("FASTCONV_CACHE_MB", "1024")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"FASTCONV_CACHE_MB must be a number of MiB (0 turns the output cache "
+                         f"off), got {raw!r}") from None
+    return max(0, int(mb * (1 << 20)))
+
+
+class _OutputCache:
+    """Idle mappings, oldest first, at most ``limit`` bytes. ``take`` hands one out; the
+    lease object that owns it while a tensor uses it gives it back from its ``__del__``."""
+
+    def __init__(self):
+        self.limit = _cache_limit()
+        self.idle: list[np.ndarray] = []
+        self.idle_bytes = 0
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        size = (nbytes + _HUGE - 1) & ~(_HUGE - 1)  # round up so near sizes share blocks
+        with self.lock:
+            for i in range(len(self.idle) - 1, -1, -1):  # newest first: likeliest still hot
+                if self.idle[i].nbytes == size:
+                    block = self.idle.pop(i)
+                    self.idle_bytes -= size
+                    self.hits += 1
+                    return block
+            self.misses += 1
+        m = mmap.mmap(-1, size)
+        block = np.frombuffer(m, dtype=np.uint8)  # owns the mapping: unmapped when it dies
+        _advise(block.ctypes.data, size)
+        return block
+
+    def give_back(self, block: np.ndarray) -> None:
+        # From __del__, which may run inside ``take`` on this very thread (a collection
+        # triggered there): never wait for the lock; a block not taken back is just unmapped.
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            if block.nbytes > self.limit:
+                return
+            self.idle.append(block)
+            self.idle_bytes += block.nbytes
+            while self.idle_bytes > self.limit:
+                self.idle_bytes -= self.idle.pop(0).nbytes
+        finally:
+            self.lock.release()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.idle.clear()
+            self.idle_bytes = 0
+
+
+_cache = _OutputCache()
+if hasattr(os, "register_at_fork"):  # a fork while another thread holds the lock
+    os.register_at_fork(after_in_child=lambda: setattr(_cache, "lock", threading.Lock()))
+
+
+class _Lease:
+    """Base object of a recycled tensor's array (NumPy's array interface): alive exactly as
+    long as some tensor or array uses the block."""
+
+    __slots__ = ("block", "__array_interface__")
+
+    def __init__(self, block: np.ndarray, shape: tuple, typestr: str):
+        self.block = block
+        self.__array_interface__ = {"data": (block.ctypes.data, False), "shape": shape,
+                                    "typestr": typestr, "version": 3}
+
+    def __del__(self):
+        try:
+            _cache.give_back(self.block)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: module globals may be gone
+            pass
+
+
+def empty_cache() -> None:
+    """Unmap the idle output memory the CPU engine holds for reuse (see ``cache_info``)."""
+    _cache.clear()
+
+
+def cache_info() -> dict:
+    """The CPU engine's output cache: ``limit`` and ``idle`` bytes, idle ``blocks``, and
+    ``hits``/``misses`` (large outputs served from it / freshly mapped)."""
+    with _cache.lock:
+        return dict(limit=_cache.limit, idle=_cache.idle_bytes, blocks=len(_cache.idle),
+                    hits=_cache.hits, misses=_cache.misses)
+
+
+@functools.cache
+def _typestr(dtype: torch.dtype) -> str:
+    return torch.empty(0, dtype=dtype).numpy().dtype.str
+
+
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty`` for an output the engine is about to write in full; large buffers are
-    advised to use huge pages first (see above)."""
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes >= _ADVISE_FROM:
-        advise = _load_madvise()
-        if advise:
-            start = t.data_ptr()
-            lo, hi = (start + _HUGE - 1) & ~(_HUGE - 1), (start + nbytes) & ~(_HUGE - 1)
-            if hi > lo:
-                advise[0](lo, hi - lo, advise[1])  # a refused hint changes nothing
-    return t
+    """``torch.empty`` for an output the engine is about to write in full; one of 32 MiB and
+    up comes from the output cache (see above)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _CACHE_FROM:
+        return torch.empty(shape, dtype=dtype)
+    if _cache.limit == 0:
+        t = torch.empty(shape, dtype=dtype)
+        _advise(t.data_ptr(), nbytes)
+        return t
+    typestr = _typestr(dtype)
+    return torch.from_numpy(np.asarray(_Lease(_cache.take(nbytes), shape, typestr)))
 
 
 # ------------------------------------------------------------------- half-precision dtypes

@@ -1,0 +1,93 @@
+"""The CPU engine's output cache (fastconv/cpu/_runtime.py): large outputs recycle the memory
+of dead ones, never of live ones, and the ops stay exact on recycled memory."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv.cpu import _runtime, cache_info, empty_cache
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def small_cache(monkeypatch):
+    """Recycle from 1 MiB (instead of 32) into a fresh cache holding at most 8 MiB idle."""
+    cache = _runtime._OutputCache()
+    cache.limit = 8 * MIB
+    monkeypatch.setattr(_runtime, "_cache", cache)
+    monkeypatch.setattr(_runtime, "_CACHE_FROM", 1 * MIB)
+    return cache
+
+
+def test_dead_output_memory_is_reused_live_memory_never(small_cache):
+    a = _runtime.empty((2, 1000, 300), torch.float32)  # 2.4 MB, rounded to 4 MiB
+    assert a.shape == (2, 1000, 300) and a.dtype == torch.float32 and a.is_contiguous()
+    view = a[1]
+    ptr = a.data_ptr()
+    del a
+    b = _runtime.empty((2, 1000, 300), torch.float32)
+    assert b.data_ptr() != ptr, "memory a view still uses was handed out again"
+    del view
+    c = _runtime.empty((600_000,), torch.float32)  # same 2.4 MB, another shape
+    assert c.data_ptr() == ptr
+    d = _runtime.empty((600_000,), torch.float32)
+    assert d.data_ptr() not in (ptr, b.data_ptr()), "one idle block handed out twice"
+    assert cache_info()["hits"] == 1 and cache_info()["misses"] == 3
+    b.fill_(-1.0), c.fill_(3.0), d.fill_(7.0)  # the live blocks do not overlap
+    assert bool((b == -1.0).all()) and bool((c == 3.0).all()) and bool((d == 7.0).all())
+
+
+def test_idle_bytes_stay_under_the_limit_and_empty_cache_frees_them(small_cache):
+    blocks = [_runtime.empty((MIB,), torch.float32) for _ in range(3)]  # 4 MiB each
+    del blocks
+    gc.collect()
+    info = cache_info()
+    assert info["idle"] == 8 * MIB and info["blocks"] == 2, info  # the oldest was unmapped
+    empty_cache()
+    assert cache_info()["idle"] == 0 and cache_info()["blocks"] == 0
+    big = _runtime.empty((4 * MIB,), torch.float32)  # 16 MiB: more than the cache may hold
+    del big
+    assert cache_info()["blocks"] == 0
+
+
+def test_small_outputs_and_a_zero_limit_use_torch_memory(small_cache):
+    small = _runtime.empty(1000, torch.float64)  # an int shape, as torch.empty takes
+    assert small.shape == (1000,) and small.untyped_storage().resizable()  # torch's storage
+    small_cache.limit = 0
+    big = _runtime.empty((2, MIB), torch.float32)
+    assert big.untyped_storage().resizable() and big.shape == (2, MIB)
+    assert cache_info()["misses"] == 0
+
+
+def test_cache_limit_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FASTCONV_CACHE_MB", "12.5")
+    assert _runtime._cache_limit() == int(12.5 * MIB)
+    monkeypatch.setenv("FASTCONV_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="FASTCONV_CACHE_MB"):
+        _runtime._cache_limit()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_steps_on_recycled_memory_match_torch(small_cache, dtype):
+    """Three steps that each free the last step's outputs, gradients accumulated across two
+    backward calls: every output and gradient is PyTorch's, bitwise for pooling."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 8, 100, 101, generator=gen, dtype=dtype)  # 2.6 or 5.2 MB planes
+    w = torch.randn(8, 8, 3, 3, generator=gen, dtype=dtype)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(3):
+        ours.grad = theirs.grad = None
+        for _ in range(2):
+            grad = torch.randn(4, 8, 50, 51, generator=gen, dtype=dtype)
+            a = fastconv.max_pool2d(ours, 3, 2, 1)
+            b = F.max_pool2d(theirs, 3, 2, 1)
+            assert torch.equal(a, b)
+            a.backward(grad), b.backward(grad)
+        assert torch.equal(ours.grad, theirs.grad)
+        y = fastconv.conv2d(ours, w, padding=1)
+        torch.testing.assert_close(y, F.conv2d(theirs, w, padding=1))
+    assert cache_info()["hits"] > 0
