@@ -2,6 +2,7 @@
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import nn
 
 import fastconv
 from fastconv import reference
-from fastconv._args import out_size
+from fastconv._args import ArgumentError, out_size, pool2d_params
 
 
 def _every_window_hits_input(size, k, s, p, d, ceil_mode):
@@ -174,6 +175,48 @@ def test_stride_2_fast_path_with_nans_infs_and_ties(opts, width):
     assert torch.equal(ours, theirs)
     ours.backward(grad), theirs.backward(grad)
     assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kw, pw", [(2, 0), (2, 1), (3, 0), (3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, dtype):
+    """_max_forward_pairs (2- or 3-wide windows at column stride 2) against the tap-by-tap
+    kernel, which the tests above hold to PyTorch: the same bits (NaN payloads, -0.0) and the
+    same window codes, for kernel heights 1-4, row strides 1-3, row padding and dilation,
+    ceil_mode, rows of 1 to 75 windows (the loops' padding to 8 and to 64), and work split
+    into 1 to 40 blocks (the padded output loops write junk ahead only into their own block)."""
+    from fastconv.cpu import pool2d as P
+
+    rng = np.random.default_rng(kw * 10 + pw)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    for kh, sh, dh in [(1, 1, 1), (2, 2, 1), (3, 2, 1), (3, 1, 1), (2, 3, 1), (4, 2, 1),
+                       (3, 2, 2), (2, 1, 3)]:
+        for ph in range(kh // 2 + 1):
+            for h, w, ceil in [(1, 2, True), (5, 3, False), (7, 9, True), (4, 57, False),
+                               (9, 130, False), (6, 151, True)]:
+                try:
+                    params = pool2d_params((kh, kw), (sh, 2), (ph, pw), (dh, 1), ceil,
+                                           op="max_pool2d")
+                    ho, wo = params.output_hw((h, w))
+                except ArgumentError:
+                    continue
+                x = rng.integers(-2, 3, (3, h, w)).astype(dtype)
+                x[rng.random(x.shape) < 0.05] = np.nan
+                x.view(bits)[rng.random(x.shape) < 0.03] |= 0x123  # other NaN payloads
+                x[rng.random(x.shape) < 0.05] = -np.inf
+                x[rng.random(x.shape) < 0.1] = -0.0
+                for mode in (P.NO_INDICES, P.WINDOW_INDICES):
+                    ref_y, ref_c = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
+                    P._max_forward(x, ref_y, ref_c, mode, dtype(-np.inf), 1, kh, kw, sh, 2, ph,
+                                   pw, dh, 1)
+                    for blocks in (1, 7, 40):
+                        y = np.full((3, ho, wo), 9, dtype)
+                        c = np.full((3, ho, wo), 99, np.uint8)
+                        P._max_forward_pairs(x, y, c, mode, blocks, kh, kw, sh, ph, pw, dh)
+                        case = (kh, sh, dh, ph, h, w, ceil, mode, blocks)
+                        assert np.array_equal(y.view(bits), ref_y.view(bits)), case
+                        if mode == P.WINDOW_INDICES:
+                            assert np.array_equal(c, ref_c), case
 
 
 @pytest.mark.parametrize("return_indices", [True, False])

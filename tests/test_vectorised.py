@@ -41,13 +41,18 @@ CASES = {
     # ... recording the winning tap's number (uint8) for the gradient
     "pool2d._max_into_coded": lambda: (pool2d._max_into_coded, _f32(), _f32(seed=1),
                                        np.zeros(64, np.uint8), np.uint8(3)),
-    # ... 2- or 3-wide windows at stride 2, the pair loops, with and without window indices
-    "pool2d._max_pair_taps": lambda: (pool2d._max_pair_taps, _f32(56), _f32(28),
-                                      np.zeros(28, np.int64),
-                                      pool2d.NO_INDICES, 3, 1, 1, 27, 0, np.int64(0)),
-    "pool2d._max_pair_taps (window)": lambda: (pool2d._max_pair_taps, _f32(56), _f32(28),
-                                               np.zeros(28, np.uint8), pool2d.WINDOW_INDICES,
-                                               2, 0, 0, 28, 0, np.uint8(2)),
+    # ... 2- or 3-wide windows at stride 2, separable: a row's window maxima, without and
+    # with the winning tap, then their max over the window's rows
+    "pool2d._interior_maxima": lambda: (pool2d._interior_maxima, _f32(112), 0, 112,
+                                        _f32(240), 56, _f32(200), np.zeros(200, np.int32), 0,
+                                        3, 1, 1, 55, False),
+    "pool2d._interior_maxima (window)": lambda: (pool2d._interior_maxima, _f32(112), 0, 112,
+                                                 _f32(240), 56, _f32(200),
+                                                 np.zeros(200, np.int32), 0, 3, 1, 1, 55,
+                                                 True),
+    "pool2d._column_maxima (window)": lambda: (pool2d._column_maxima, _f32(300),
+                                               np.zeros(300, np.int32), 0, 100, 200, _f32(64),
+                                               np.zeros(64, np.uint8), 0, 64, 3, 3, True),
     # average pooling's pair loops and its backward's gathers
     "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(112), 56, 56, _f32(56), 28,
                                       28, 2, 0, 0, 28),
@@ -103,6 +108,8 @@ STRIDED = {
     "pool2d._pair_sums": lambda: (pool2d._pair_sums, _f32(112), np.uint64(0), _f32(56),
                                   np.uint64(0), np.uint64(56)),
     "pool2d._spread_pairs": CASES["pool2d._spread_pairs"],
+    # separable max pooling's row maxima: a phase split, then contiguous loops
+    "pool2d._interior_maxima (window)": CASES["pool2d._interior_maxima (window)"],
     # 2x2/s2 average pooling's own kernels, whole (edge code is scalar and gathers nothing)
     "pool2d._avg_forward_2x2": lambda: (pool2d._avg_forward_2x2,
                                         _f32(4 * 56 * 56).reshape(4, 56, 56),
