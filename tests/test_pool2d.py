@@ -219,6 +219,81 @@ def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, dtype):
                             assert np.array_equal(c, ref_c), case
 
 
+@pytest.mark.parametrize("kw, pw", [(2, 0), (2, 1), (3, 0), (3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
+    """_max_backward_pairs (window codes of 2- or 3-wide windows at column stride 2, input
+    rows in at most two windows' rows) against the scatter kernel, which the tests above hold
+    to PyTorch: the same bits (-0.0 gradients included) for kernel heights 1-4, row strides
+    1-3, row padding, ceil_mode, rows of 1 to 130 columns (the pair loop's padding to 8 and
+    64) and work split into 1 to 40 blocks (the padded loop writes junk ahead only into its
+    own block's later rows)."""
+    from fastconv.cpu import pool2d as P
+
+    rng = np.random.default_rng(kw * 10 + pw)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    for kh, sh in [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2), (2, 3), (3, 3)]:
+        for ph in range(kh // 2 + 1):
+            for h, w, ceil in [(1, 2, True), (5, 3, False), (7, 9, True), (4, 57, False),
+                               (6, 130, True)]:
+                try:
+                    params = pool2d_params((kh, kw), (sh, 2), (ph, pw), 1, ceil,
+                                           op="max_pool2d")
+                    ho, wo = params.output_hw((h, w))
+                except ArgumentError:
+                    continue
+                x = rng.integers(-2, 3, (3, h, w)).astype(dtype)
+                y, code = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
+                P._max_forward_pairs(x, y, code, P.WINDOW_INDICES, 1, kh, kw, sh, ph, pw, 1)
+                gy = rng.standard_normal((3, ho, wo)).astype(dtype)
+                gy[rng.random(gy.shape) < 0.2] = -0.0
+                ref, bad = np.empty((3, h, w), dtype), np.zeros(3, np.uint8)
+                P._max_backward(gy, code, ref, True, *P._window_taps(params), sh, 2, ph, pw,
+                                *P._windows_ok((h, w), (ho, wo), params), bad)
+                assert not bad.any()
+                for blocks in (1, 7, 40):
+                    gx = np.full((3, h, w), 9, dtype)
+                    P._max_backward_pairs(gy, code, gx, blocks, kh, kw, sh, ph, pw, 1)
+                    assert np.array_equal(gx.view(bits), ref.view(bits)), (kh, sh, ph, h, w,
+                                                                          ceil, blocks)
+
+
+@pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=(2, 3), stride=2, padding=(1, 0),
+                                       ceil_mode=True),
+                                  dict(kernel_size=2, stride=(3, 2), padding=1, dilation=(2, 1))])
+def test_window_code_check_finds_every_bad_code(opts):
+    """_bad_window_codes against a window-by-window check: random codes, some beyond the
+    window, some naming taps in the padding, a plane at a time."""
+    from fastconv.cpu import pool2d as P
+
+    params = pool2d_params(**opts, op="max_pool2d")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (params.kernel, params.stride, params.padding,
+                                              params.dilation)
+    h, w = 11, 13
+    ho, wo = params.output_hw((h, w))
+    row_ok, col_ok = P._windows_ok((h, w), (ho, wo), params)
+    rng = np.random.default_rng(1)
+    good = np.empty((ho, wo), np.uint8)  # every window's first tap inside the input
+    for oh in range(ho):
+        for ow in range(wo):
+            good[oh, ow] = next(i * kw + j for i in range(kh) for j in range(kw)
+                                if 0 <= oh * sh - ph + i * dh < h and 0 <= ow * sw - pw + j * dw < w)
+    for trial in range(200):
+        codes = np.repeat(good[None], 4, axis=0)
+        for _ in range(trial % 3):  # 0 to 2 random codes, anywhere, mostly taps of the window
+            codes[rng.integers(4), rng.integers(ho), rng.integers(wo)] = \
+                rng.integers(kh * kw) if rng.random() < 0.7 else rng.integers(256)
+        expected = np.zeros(4, bool)
+        for p, oh, ow in np.ndindex(codes.shape):
+            t = int(codes[p, oh, ow])
+            ih, iw = oh * sh - ph + (t // kw) * dh, ow * sw - pw + (t % kw) * dw
+            expected[p] |= bool(t >= kh * kw or not (0 <= ih < h and 0 <= iw < w))
+        bad = np.zeros(4, np.uint8)
+        P._bad_window_codes(codes, h, w, kh, kw, sh, sw, ph, pw, dh, dw, row_ok, col_ok, bad)
+        assert np.array_equal(bad.astype(bool), expected), (trial, codes)
+
+
 @pytest.mark.parametrize("return_indices", [True, False])
 def test_window_missing_the_input(return_indices):
     """A dilated window can lie wholly in the padding: (1, 2) taps at columns -1 and 2 of a

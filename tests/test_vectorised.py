@@ -53,6 +53,10 @@ CASES = {
     "pool2d._column_maxima (window)": lambda: (pool2d._column_maxima, _f32(300),
                                                np.zeros(300, np.int32), 0, 100, 200, _f32(64),
                                                np.zeros(64, np.uint8), 0, 64, 3, 3, True),
+    # ... and its gradient, gathered per input row from two output rows (masked adds)
+    "pool2d._pair_gradients": lambda: (pool2d._pair_gradients, _f32(200),
+                                       np.zeros(200, np.uint8), _f32(200), 0, 80, True, 0, 3,
+                                       3, 1, 0, 64),
     # average pooling's pair loops and its backward's gathers
     "pool2d._add_pair_taps": lambda: (pool2d._add_pair_taps, _f32(112), 56, 56, _f32(56), 28,
                                       28, 2, 0, 0, 28),
@@ -110,6 +114,7 @@ STRIDED = {
     "pool2d._spread_pairs": CASES["pool2d._spread_pairs"],
     # separable max pooling's row maxima: a phase split, then contiguous loops
     "pool2d._interior_maxima (window)": CASES["pool2d._interior_maxima (window)"],
+    "pool2d._pair_gradients": CASES["pool2d._pair_gradients"],  # interleaved stores
     # 2x2/s2 average pooling's own kernels, whole (edge code is scalar and gathers nothing)
     "pool2d._avg_forward_2x2": lambda: (pool2d._avg_forward_2x2,
                                         _f32(4 * 56 * 56).reshape(4, 56, 56),

@@ -40,6 +40,25 @@ def covering_rows(ih, kh, sh, ph, dh, ho):
     return max(0, (ih + ph - (kh - 1) * dh + sh - 1) // sh), min(ho, (ih + ph) // sh + 1)
 
 
+@njit(cache=True, nogil=True)
+def cover_table(h, kh, sh, ph, dh, ho):
+    """Per input row ih, the output rows whose window holds it, in order, and which kernel row
+    it is in each: ``rows[ih, k], taps[ih, k]`` for k < ``count[ih]``. Computed once per
+    call: a gradient kernel working per input row then does no integer division (an idiv
+    per row and output row cost more than the row's vectorised work)."""
+    count = np.zeros(h, dtype=np.int64)
+    rows = np.empty((h, kh), dtype=np.int64)
+    taps = np.empty((h, kh), dtype=np.int64)
+    for oh in range(ho):
+        for i in range(kh):
+            ih = oh * sh - ph + i * dh
+            if 0 <= ih < h:
+                rows[ih, count[ih]] = oh
+                taps[ih, count[ih]] = i
+                count[ih] += 1
+    return count, rows, taps
+
+
 # Element loops instead of slice assignment: Numba's ``a[i:j] = b[k:l]`` checks the two for
 # overlap and may copy through a temporary, which on a short row costs more than the work
 # (measured on LeNet's 5x5 im2col copies, 150 rows of 136 per image: 0.46 ms per batch as
