@@ -290,7 +290,8 @@ def test_window_code_check_finds_every_bad_code(opts):
             ih, iw = oh * sh - ph + (t // kw) * dh, ow * sw - pw + (t % kw) * dw
             expected[p] |= bool(t >= kh * kw or not (0 <= ih < h and 0 <= iw < w))
         bad = np.zeros(4, np.uint8)
-        P._bad_window_codes(codes, h, w, kh, kw, sh, sw, ph, pw, dh, dw, row_ok, col_ok, bad)
+        P._bad_window_codes(codes, h, w, kh, kw, sh, sw, ph, pw, dh, dw, *P._window_taps(params),
+                            row_ok, col_ok, bad)
         assert np.array_equal(bad.astype(bool), expected), (trial, codes)
 
 

@@ -533,22 +533,26 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh):
 
 
 @njit(cache=True, parallel=True)
-def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, row_ok, col_ok, bad):
+def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, tap_rows, tap_cols, row_ok,
+                      col_ok, bad):
     """bad[p] = 1 where plane p holds a window code naming no input element: not in
     [0, kh*kw), or a tap in the padding. Windows holding no input element at all
     (``row_ok[oh] and col_ok[ow]`` false) send no gradient and are not checked. Every code is
     range-checked in one pass over the plane (vectorised); the taps of only the windows that
-    reach into the padding are then checked one by one."""
+    reach into the padding are then checked one by one (tap_rows, tap_cols: see _window_taps;
+    a table, not two divisions per window)."""
     planes, ho, wo = code3.shape
     taps = kh * kw
     c0 = min(wo, (pw + sw - 1) // sw)  # windows [c0, c1) have every tap inside the row
     c1 = max(c0, min(wo, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
     for p in prange(planes):
         plane = code3[p].reshape(-1)
-        wrong = 0
-        zero, top = plane.dtype.type(0), plane.dtype.type(taps - 1)  # compared in the codes' type
+        # The plane's smallest and largest code, in the codes' own type (a max of bytes is
+        # 64 lanes wide; a count of bad ones widened each compare to 64 bits: 3x slower).
+        least = most = plane.dtype.type(0)
         for t in range(plane.shape[0]):
-            wrong += (plane[t] < zero) | (plane[t] > top)
+            least, most = min(least, plane[t]), max(most, plane[t])
+        wrong = least < 0 or most >= taps
         for oh in range(ho):
             hs = oh * sh - ph
             inside = hs >= 0 and hs + (kh - 1) * dh < h
@@ -558,9 +562,9 @@ def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, row_ok, col_o
                     t = plane[oh * wo + ow]
                     if not (row_ok[oh] and col_ok[ow]) or t < 0 or t >= taps:
                         continue
-                    ih, iw = hs + (t // kw) * dh, ow * sw - pw + (t % kw) * dw
-                    wrong += ih < 0 or ih >= h or iw < 0 or iw >= w
-        bad[p] = wrong > 0
+                    ih, iw = hs + tap_rows[t], ow * sw - pw + tap_cols[t]
+                    wrong |= ih < 0 or ih >= h or iw < 0 or iw >= w
+        bad[p] = wrong
 
 
 @njit(cache=True, parallel=True)
@@ -912,7 +916,8 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
                                                   params.dilation)
         if window and kw in (2, 3) and sw == 2 and dw == 1 and dh == 1 and kh <= 2 * sh:
             with parallel_region(n * c):
-                _bad_window_codes(idx3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, *windows_ok, bad)
+                _bad_window_codes(idx3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, *_window_taps(params),
+                                  *windows_ok, bad)
             _check_indices(bad, "max_pool2d_backward", window)
             with parallel_region(n * c * h):
                 _max_backward_pairs(gy3, idx3, gx3, _blocks(n * c * h), kh, kw, sh, ph, pw, dh)
