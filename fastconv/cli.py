@@ -234,6 +234,10 @@ def info(args) -> int:
                       f"{lib['num_threads']} threads, {lib['filepath']}")
     table.add_row("CPU engine", f"usable, {_runtime.engine_threads()} threads "
                   f"(follows torch.set_num_threads)")
+    cache = _runtime.cache_info()
+    table.add_row("CPU output cache", f"outputs of {_runtime._CACHE_FROM >> 20} MiB and up reuse "
+                  f"freed ones; {cache['limit'] / 2**20:.0f} MiB may stay idle "
+                  f"(FASTCONV_CACHE_MB), {cache['idle'] / 2**20:.0f} MiB idle now")
     usable, why = cupy_status()
     table.add_row("CuPy", why)
     if torch.cuda.is_available():
