@@ -209,6 +209,10 @@ DEPTHWISE = [  # (input, weight, options): the direct kernels' paths and edges
     ((1, 2, 11, 10), (4, 1, 3, 2), dict(stride=(2, 3), padding=1, groups=2)),  # strided
     ((3, 1, 12, 12), (6, 1, 5, 5), dict(padding=2)),                         # C_in == 1
     ((2, 2, 5, 5), (2, 1, 2, 2), dict(padding=1, stride=3, groups=2)),       # skipped rows
+    # stride 1, multiplier 1: the input gradient as a flipped-filter forward
+    ((2, 5, 9, 8), (5, 1, 3, 3), dict(padding=1, groups=5)),
+    ((2, 4, 8, 7), (4, 1, 4, 2), dict(padding="same", dilation=(1, 2), groups=4)),
+    ((1, 2, 6, 6), (2, 1, 3, 3), dict(padding=3, groups=2)),  # padding past the reach: scatter
 ]
 
 
