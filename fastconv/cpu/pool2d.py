@@ -247,8 +247,8 @@ def _max_of_runs(src, a0, a1, a2, three, dst, d, n):
 def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, pw, c0, c1, coded):
     """hv[h0 + k] = max over window k's taps in the input row x[r0 : r0 + w] (kw in (2, 3),
     stride 2, pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order. The interior
-    loop runs a multiple of 64 iterations into padded scratch (junk past the row's end): LLVM's
-    main vector loop takes 64 at a time, and a 55-window row would otherwise never enter it."""
+    loop runs ``_padded`` iterations into padded scratch (junk past the row's end), so the
+    edge windows are computed after it."""
     if c1 > c0:
         _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, pw, c0, c1, coded)
     # The edge windows, after the interior loop's junk: taps outside the row skipped.
@@ -333,8 +333,7 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, ph, pw, dh):
     coded = mode == WINDOW_INDICES
     code = code3.reshape(-1)
     items = planes * ho
-    c0 = min(wo, (pw + 1) // 2)
-    c1 = max(c0, min(wo, (w - kw + pw) // 2 + 1))
+    _, c0, c1 = _pair_taps(kw, 2, pw, 1, w, wo)  # windows [c0, c1) lie inside the row
     plen = (w + 1) // 2
     span = wo + _PAD  # one ring slot: a row's window maxima and the padded loop's junk
     ring = kh * dh  # a window's rows hs + i*dh (i < kh) fall in distinct slots ih % ring
