@@ -225,6 +225,38 @@ def test_depthwise_paths(device, shapes):
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, torch.float64, x, w, b), opts)
 
 
+TILED = [  # (input, weight, options): the CPU forward's register tiles (_tile_forward) and edges
+    ((3, 6, 14, 14), (16, 6, 5, 5), {}),                            # LeNet: Wo < 14, one vector
+    ((2, 5, 9, 33), (33, 5, 3, 3), dict(stride=(1, 2), padding=1)),  # 3 blocks, overlapped tile
+    ((2, 4, 12, 40), (7, 4, 1, 1), dict(stride=2)),                 # 1x1 stride 2: phases only
+    ((2, 8, 11, 9), (80, 4, 3, 2), dict(groups=2, dilation=(2, 1), padding=(2, 0))),  # v = 2
+    ((1, 3, 30, 29), (24, 3, 7, 7), dict(stride=2, padding=3)),     # stem-like, bands (N = 1)
+    ((2, 6, 10, 10), (6, 6, 4, 4), dict(padding="same")),           # asymmetric padding
+    ((2, 3, 8, 31), (5, 3, 2, 5), dict(stride=(2, 3), padding=(0, 4))),  # stride 3, wide pad
+    ((2, 16, 7, 7), (40, 16, 1, 1), {}),                            # reads the input as is
+    ((2, 6, 17, 15), (9, 6, 3, 3), dict(stride=2)),                 # bottom rows never read
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("copy_bytes", [None, 1])
+@pytest.mark.parametrize("shapes", TILED, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tiled_forward(dtype, copy_bytes, shapes, monkeypatch):
+    """Forward with bias (and both gradients) through the tile kernel: every tile width, one
+    or two vectors of output channels, partial blocks, column phases of any stride, padding on
+    any side; with the input copied whole or one output row at a time (copy_bytes=1)."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    if copy_bytes is not None:
+        monkeypatch.setattr(cpu_conv2d, "_COPY_BYTES", copy_bytes)
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
+    assert ws[1] > 1 and not cpu_conv2d._is_winograd(
+        fastconv._args.conv2d_params(ws[2:], **opts), ws)
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+
+
 POINTWISE_PACKED = [  # (input, weight, options): 1x1 layers on planes small enough that the
     # CPU engine packs several images into one GEMM (see _pointwise_per)
     ((8, 16, 7, 7), (24, 16, 1, 1), {}),                   # 4 + 4 images: one block a thread

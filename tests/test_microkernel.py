@@ -1,0 +1,88 @@
+"""The CPU engine's register-blocked FMA tile (``fastconv.cpu._microkernel.tile_fma``): every
+(t, v) case against a float64 sum, nothing written outside the tile, and the generated loop
+keeping its accumulators in registers."""
+
+import platform
+import re
+
+import numba
+import numpy as np
+import pytest
+
+from fastconv.cpu import _microkernel
+from fastconv.cpu._microkernel import lanes, max_tile, tile_fma
+
+
+@numba.njit
+def _run(x, xoff, offs, nk, w, woff, b, boff, out, ooff, ostride, n_co, t, v):
+    tile_fma(x, xoff, offs, nk, w, woff, b, boff, out, ooff, ostride, n_co, t, v)
+
+
+def _reference(x, xoff, offs, w, woff, b, boff, ostride, n_co, t, lv):
+    """{flat output index: (value, sum of |terms|)} of the tile, in float64."""
+    out = {}
+    for c in range(n_co):
+        for tt in range(t):
+            terms = [np.float64(b[boff + c])] + [x[xoff + o + tt] * np.float64(w[woff + k * lv + c])
+                                                  for k, o in enumerate(offs)]
+            out[c * ostride + tt] = (sum(terms), sum(abs(v) for v in terms))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("v", [1, 2])
+def test_every_tile_shape_sums_its_taps(dtype, v):
+    rng = np.random.default_rng(v)
+    lv = v * lanes(dtype)
+    eps = np.finfo(dtype).eps
+    for t in range(1, max_tile() + 1):
+        for nk in (0, 1, int(rng.integers(2, 40))):
+            n_co = int(rng.integers(1, lv + 1)) if nk != 1 else lv
+            ostride = int(rng.integers(t, 3 * t + 5))
+            x = rng.standard_normal(300).astype(dtype)
+            offs = rng.integers(0, 250, nk).astype(np.int64)
+            w = rng.standard_normal(nk * lv + 11).astype(dtype)
+            b = rng.standard_normal(lv + 7).astype(dtype)
+            ooff = 5
+            out = np.full(ooff + lv * ostride + 20, 7.5, dtype)
+            _run(x, 13, offs, nk, w, 11, b, 7, out, ooff, ostride, n_co, t, v)
+            want = _reference(x, 13, offs, w, 11, b, 7, ostride, n_co, t, lv)
+            for q in range(out.size):
+                if q - ooff not in want:  # outside the tile: untouched
+                    assert out[q] == 7.5, (t, v, nk, n_co, q)
+                    continue
+                value, size = want[q - ooff]
+                # a sum of nk + 1 terms in the dtype: (nk + 1) * eps * sum|terms| bounds it
+                assert abs(out[q] - value) <= (nk + 1) * eps * size, (t, v, nk, n_co, q)
+
+
+def test_unsupported_tiles_store_nothing():
+    """A (t, v) outside the compiled cases falls through the switch: no write at all."""
+    x = np.ones(64, np.float32)
+    w = np.ones(64 * 32, np.float32)
+    out = np.full(64 * 40, 3.0, np.float32)
+    for t, v in ((0, 1), (max_tile() + 1, 1), (4, 3)):
+        _run(x, 0, np.zeros(2, np.int64), 2, w, 0, w, 0, out, 0, 40, 32, t, v)
+    assert (out == 3.0).all()
+
+
+def _loop_blocks(asm: str):
+    """Bodies of the assembly's basic blocks (label to label)."""
+    return [b for b in re.split(r"\n(?=\.?L\w+:)", asm)]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or not _microkernel._wide_vectors(), reason="inspects x86 AVX-512 assembly")
+def test_largest_tile_keeps_accumulators_in_registers():
+    """The 14 x 2 tile's tap loop: 28 packed FMAs on zmm registers and no stack traffic (an
+    accumulator spilled to the stack costs a load and a store per FMA; a run-time column
+    stride once made LLVM do exactly that)."""
+    fresh = numba.njit(_run.py_func)
+    f = np.zeros(8, np.float32)
+    fresh(f, 0, np.zeros(1, np.int64), 0, f, 0, f, 0, f, 0, 1, 1, 1, 1)
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    loops = [b for b in _loop_blocks(asm)
+             if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) == 2 * max_tile()]
+    assert loops, "no tap loop with 28 zmm FMAs"
+    for body in loops:
+        assert "rsp" not in body and "rbp)" not in body, body
