@@ -234,7 +234,12 @@ TILED = [  # (input, weight, options): the CPU forward's register tiles (_tile_f
     ((2, 6, 10, 10), (6, 6, 4, 4), dict(padding="same")),           # asymmetric padding
     ((2, 3, 8, 31), (5, 3, 2, 5), dict(stride=(2, 3), padding=(0, 4))),  # stride 3, wide pad
     ((2, 16, 7, 7), (40, 16, 1, 1), {}),                            # reads the input as is
+    ((2, 16, 6, 5), (18, 16, 1, 1), dict(padding=1)),               # 1x1 with padding
     ((2, 6, 17, 15), (9, 6, 3, 3), dict(stride=2)),                 # bottom rows never read
+    # the input gradient as tiles too (stride 1, 16 input channels a group): padding past
+    # the kernel's reach (the gradient's copy crops), even kernels' one-sided 'same' padding
+    ((2, 32, 9, 8), (20, 16, 3, 2), dict(groups=2, padding=(3, 2), dilation=(1, 2))),
+    ((2, 16, 7, 9), (17, 16, 4, 2), dict(padding="same")),
 ]
 
 
@@ -254,7 +259,28 @@ def test_tiled_forward(dtype, copy_bytes, shapes, monkeypatch):
     x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
     assert ws[1] > 1 and not cpu_conv2d._is_winograd(
         fastconv._args.conv2d_params(ws[2:], **opts), ws)
+    assert cpu_conv2d._tiles_fill_lanes(ws[0] // opts.get("groups", 1), x.numpy().dtype,
+                                        cpu_conv2d.FORWARD_MIN_FILL)
     assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_narrow_layers_take_im2col(dtype):
+    """Layers with too few output (or, for the input gradient, input) channels a group to fill
+    a tile's vector run im2col and BLAS instead: both still right."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    gen = torch.Generator().manual_seed(3)
+    for xs, ws, opts in [((2, 8, 9, 9), (1, 8, 3, 3), dict(stride=2, padding=1)),
+                         ((3, 4, 11, 10), (2, 2, 5, 3), dict(groups=2, padding=(2, 1))),
+                         ((2, 3, 9, 9), (9, 3, 5, 5), dict(padding=2))]:
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        g = opts.get("groups", 1)
+        assert not cpu_conv2d._tiles_fill_lanes(ws[0] // g, np_dtype,
+                                                cpu_conv2d.FORWARD_MIN_FILL) \
+            or not cpu_conv2d._tiles_fill_lanes(ws[1], np_dtype, cpu_conv2d.INPUT_GRAD_MIN_FILL)
+        x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
+        assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
 
 
 POINTWISE_PACKED = [  # (input, weight, options): 1x1 layers on planes small enough that the
