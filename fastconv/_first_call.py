@@ -26,7 +26,7 @@ def _cases():
                                                          padding=1),
         "conv2d 3x3 stride 2": lambda: fastconv.conv2d(leaf(2, 4, 9, 9), leaf(4, 4, 3, 3),
                                                        stride=2, padding=1),
-        "conv2d 5x5": lambda: fastconv.conv2d(leaf(2, 3, 12, 12), leaf(4, 3, 5, 5)),
+        "conv2d 5x5": lambda: fastconv.conv2d(leaf(2, 16, 12, 12), leaf(16, 16, 5, 5)),
         "conv2d 1x1": lambda: fastconv.conv2d(leaf(2, 8, 6, 6), leaf(4, 8, 1, 1)),
         "conv2d depthwise": lambda: fastconv.conv2d(leaf(2, 4, 8, 8), leaf(4, 1, 3, 3),
                                                     padding=1, groups=4),

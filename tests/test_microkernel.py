@@ -2,8 +2,13 @@
 (t, v) case against a float64 sum, nothing written outside the tile, and the generated loop
 keeping its accumulators in registers."""
 
+import os
 import platform
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -66,9 +71,15 @@ def test_unsupported_tiles_store_nothing():
     assert (out == 3.0).all()
 
 
-def _loop_blocks(asm: str):
-    """Bodies of the assembly's basic blocks (label to label)."""
-    return [b for b in re.split(r"\n(?=\.?L\w+:)", asm)]
+def _loops(asm: str):
+    """Single-block loops of the assembly: from a label to the branch back to it."""
+    loops = []
+    for block in re.split(r"\n(?=\.?L\w+:)", asm):
+        label = block.split(":", 1)[0].strip()
+        back = re.search(rf"\n\s*j\w+\s+{re.escape(label)}\s*(\n|$)", block)
+        if label and back:
+            loops.append(block[:back.end()])
+    return loops
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
@@ -81,8 +92,36 @@ def test_largest_tile_keeps_accumulators_in_registers():
     f = np.zeros(8, np.float32)
     fresh(f, 0, np.zeros(1, np.int64), 0, f, 0, f, 0, f, 0, 1, 1, 1, 1)
     asm = fresh.inspect_asm(fresh.signatures[0])
-    loops = [b for b in _loop_blocks(asm)
-             if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) == 2 * max_tile()]
+    loops = [b for b in _loops(asm)
+             if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) >= 2 * max_tile()]
     assert loops, "no tap loop with 28 zmm FMAs"
     for body in loops:
         assert "rsp" not in body and "rbp)" not in body, body
+
+
+def test_256_bit_build_of_the_tiles(tmp_path):
+    """Where Numba compiles without AVX-512 (a named portable target here, as on an AVX2
+    machine), the tiles are 8 float32 lanes and at most 6 x 2: the same checks, and a
+    strided conv with bias and gradients against PyTorch, in a process built that way."""
+    code = textwrap.dedent("""
+        import numpy as np, torch, torch.nn.functional as F
+        import sys; sys.path.insert(0, {tests!r})
+        import test_microkernel as t
+        from fastconv.cpu import _microkernel
+        assert not _microkernel._wide_vectors() and _microkernel.max_tile() == 6
+        assert _microkernel.lanes(np.float32) == 8
+        for dtype in (np.float32, np.float64):
+            for v in (1, 2):
+                t.test_every_tile_shape_sums_its_taps(dtype, v)
+        from helpers import assert_matches_torch
+        import fastconv
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=gen) for s in ((2, 5, 11, 13), (19, 5, 3, 3), (19,)))
+        assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], dict(stride=2, padding=1))
+        print("ok")
+    """).format(tests=str(Path(__file__).parent))
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \
+        result.stderr[-3000:]

@@ -30,8 +30,13 @@ tiles up to 6 x 2 (12 of 16).
 
 The accumulators start from the bias; products are fused (``llvm.fma``, one rounding) and
 summed in tap order. The tile leaves the registers transposed (log2(L) stages of shuffles per
-L x L block), straight into the output planes: storing it through a scratch tile with Numba
-loops cost a third of LeNet's 5x5 layer.
+L x L block) and goes to the output planes a channel row at a time, by constant-length copies
+from a stack block (storing it through a scratch tile with Numba loops instead cost a third of
+LeNet's 5x5 layer).
+
+Numba's on-disk cache keys a function on its own source file only: after editing this
+module, delete the cached ``conv2d`` kernels (``fastconv/cpu/__pycache__/*.nb*``) or they
+keep the old tile code.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -92,7 +98,7 @@ def _transpose(builder, rows, lanes_n):
     return rows
 
 
-def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done):
+def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done, scratch):
     """One (t, v) case: its own tap loop with the accumulators as loop phis, started from the
     bias; then the tile, transposed per block of L columns, stored a channel row at a time;
     then a branch to ``done``."""
@@ -145,22 +151,26 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done)
             phi.add_incoming(new[tt][vv], end)
             result[tt].append(phi)
     for vv in range(v):
+        # This vector's channels that exist (the rest of a last block is padding).
+        live = builder.select(builder.icmp_signed("<", n_co, ir.Constant(i64, vv * lanes_n)),
+                              ir.Constant(i64, 0), builder.sub(n_co, ir.Constant(i64, vv * lanes_n)))
+        live = builder.select(builder.icmp_signed(">", live, ir.Constant(i64, lanes_n)),
+                              ir.Constant(i64, lanes_n), live)
         for blk in range(0, t, lanes_n):
             cols = min(lanes_n, t - blk)
             block = [result[blk + q][vv] if q < cols else undef for q in range(lanes_n)]
+            # The transposed rows go through a stack scratch and leave it by a loop of
+            # constant-length copies (a few moves each): a row per channel, unrolled with a
+            # branch each, made this function take 18 s to compile; a masked vector store
+            # measured ~4x slower on Zen 4.
             for c, row in enumerate(_transpose(builder, block, lanes_n)):
-                ch = ir.Constant(i64, vv * lanes_n + c)
-                with builder.if_then(builder.icmp_signed("<", ch, n_co), likely=True):
-                    ptr = builder.gep(obase, [builder.add(builder.mul(ch, ostride),
-                                                          ir.Constant(i64, blk))])
-                    if cols == lanes_n:
-                        builder.store(row, builder.bitcast(ptr, vptr), align=align)
-                    else:
-                        # Element stores: a masked vector store measured ~4x slower on Zen 4
-                        # (LeNet's 5x5 layer: 0.12 ms of stores per batch, against 0.03).
-                        for q in range(cols):
-                            builder.store(builder.extract_element(row, ir.Constant(i32, q)),
-                                          builder.gep(ptr, [ir.Constant(i64, q)]), align=align)
+                builder.store(row, builder.gep(scratch, [ir.Constant(i64, c)]), align=align)
+            with cgutils.for_range(builder, live) as loop:
+                c = loop.index
+                dst = builder.gep(obase, [builder.add(builder.mul(builder.add(
+                    c, ir.Constant(i64, vv * lanes_n)), ostride), ir.Constant(i64, blk))])
+                src = builder.bitcast(builder.gep(scratch, [c]), dst.type)
+                cgutils.raw_memcpy(builder, dst, src, ir.Constant(i64, cols), align)
     builder.branch(done)
 
 
@@ -200,6 +210,7 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
                 builder.gep(data(6), [as_i64(7)]), builder.gep(data(8), [as_i64(9)]))
         fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
                                                   ir.FunctionType(vty, [vty] * 3))
+        scratch = cgutils.alloca_once(builder, vty, size=vty.count)  # one L x L block
         key = builder.add(builder.mul(as_i64(13), ir.Constant(i64, 64)), as_i64(12))
         done = builder.append_basic_block("tile.done")
         switch = builder.switch(key, done)
@@ -209,7 +220,7 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
                 switch.add_case(ir.Constant(i64, vcase * 64 + tcase), block)
                 builder.position_at_end(block)
                 _emit_tile(builder, fn_fma, vty, size, ptrs, as_i64(3), as_i64(10),
-                           as_i64(11), tcase, vcase, done)
+                           as_i64(11), tcase, vcase, done, scratch)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
