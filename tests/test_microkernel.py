@@ -1,6 +1,6 @@
-"""The CPU engine's register-blocked FMA tile (``fastconv.cpu._microkernel.tile_fma``): every
-(t, v) case against a float64 sum, nothing written outside the tile, and the generated loop
-keeping its accumulators in registers."""
+"""The CPU engine's IR kernels (``fastconv.cpu._microkernel``): the register-blocked FMA tile,
+every (t, v) case against a float64 sum, nothing written outside the tile, the generated
+loop keeping its accumulators in registers; and the short-run copy."""
 
 import os
 import platform
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import lanes, max_tile, tile_fma
+from fastconv.cpu._microkernel import copy_run, lanes, max_tile, tile_fma
 
 
 @numba.njit
@@ -99,6 +99,26 @@ def test_largest_tile_keeps_accumulators_in_registers():
         assert "rsp" not in body and "rbp)" not in body, body
 
 
+@numba.njit
+def _copy(d, d0, s, s0, n, step):
+    copy_run(d, d0, s, s0, n, step)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_copy_run_moves_exactly_its_run(dtype, step):
+    """Every length around the vector width (element loop below it, whole vectors with an
+    overlapping last one from it), unit and stride-2 reads (and 3: the element loop), at odd
+    offsets: the run's elements, and nothing else, written."""
+    rng = np.random.default_rng(step)
+    for n in range(0, 4 * lanes(dtype) + 3):
+        src = rng.standard_normal(5 + max(0, (n - 1) * step + 1)).astype(dtype)
+        dst = np.full(n + 9, 9.0, dtype)
+        _copy(dst, 4, src, 5, n, step)
+        assert (dst[:4] == 9).all() and (dst[4 + n:] == 9).all(), n
+        assert np.array_equal(dst[4:4 + n], src[5::step][:n]), n
+
+
 def test_256_bit_build_of_the_tiles(tmp_path):
     """Where Numba compiles without AVX-512 (a named portable target here, as on an AVX2
     machine), the tiles are 8 float32 lanes and at most 6 x 2: the same checks, and a
@@ -113,6 +133,8 @@ def test_256_bit_build_of_the_tiles(tmp_path):
         for dtype in (np.float32, np.float64):
             for v in (1, 2):
                 t.test_every_tile_shape_sums_its_taps(dtype, v)
+            for step in (1, 2, 3):
+                t.test_copy_run_moves_exactly_its_run(dtype, step)
         from helpers import assert_matches_torch
         import fastconv
         gen = torch.Generator().manual_seed(0)

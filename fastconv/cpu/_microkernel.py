@@ -225,3 +225,88 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---------------------------------------------------------------------------- short runs
+# Copies of a few dozen elements (rows of 28-56 floats: padding a plane, splitting a row into
+# column phases) run scalar when written as Numba loops: LLVM's vector loop takes 64 float32
+# elements per iteration with AVX-512 (16 lanes x 4) and leaves shorter runs to its scalar
+# remainder. ``copy_run`` moves them a vector at a time, the last vector overlapping the one
+# before, so a run of 16 or more is whole vectors only.
+def _emit_copy_run(builder, vty, align, dst, src, n, step):
+    """dst[q] = src[q*step] for q < n, step 1 or 2 (a constant), n >= lanes: whole vectors,
+    the last at n - lanes. Reads no element past src[(n-1)*step]."""
+    i64, i32 = ir.IntType(64), ir.IntType(32)
+    lanes_n = vty.count
+    vptr = vty.as_pointer()
+
+    def load(q):
+        if step == 1:
+            return builder.load(builder.bitcast(builder.gep(src, [q]), vptr), align=align)
+        # Evens of src[2q .. 2q + 2L - 2]: from [2q, 2q + L) and [2q + L - 1, 2q + 2L - 1),
+        # so nothing past the last element read is touched.
+        at = builder.mul(q, ir.Constant(i64, 2))
+        a = builder.load(builder.bitcast(builder.gep(src, [at]), vptr), align=align)
+        b = builder.load(builder.bitcast(builder.gep(src, [builder.add(
+            at, ir.Constant(i64, lanes_n - 1))]), vptr), align=align)
+        half = lanes_n // 2
+        mask = [2 * m for m in range(half)] + [lanes_n + 1 + 2 * m for m in range(half)]
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, lanes_n), mask))
+
+    def store(q, value):
+        builder.store(value, builder.bitcast(builder.gep(dst, [q]), vptr), align=align)
+
+    full = builder.udiv(n, ir.Constant(i64, lanes_n))
+    with cgutils.for_range(builder, full) as loop:
+        q = builder.mul(loop.index, ir.Constant(i64, lanes_n))
+        store(q, load(q))
+    last = builder.sub(n, ir.Constant(i64, lanes_n))
+    store(last, load(last))
+
+
+@intrinsic
+def copy_run(typingctx, dst, d0, src, s0, n, step):
+    """dst[d0 + q] = src[s0 + q*step] for q < n (1-D contiguous arrays of one float dtype,
+    no overlap). Vectors for step 1 or 2 when n >= ``lanes``; an element loop otherwise. No
+    bounds checks: the caller keeps both runs inside their arrays."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+               for a in (dst, src)):
+        return None
+    if dst.dtype not in (types.float32, types.float64) or src.dtype != dst.dtype:
+        return None
+    if not all(isinstance(a, types.Integer) for a in (d0, s0, n, step)):
+        return None
+    sig = types.void(dst, d0, src, s0, n, step)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        i64 = ir.IntType(64)
+
+        def as_i64(i):
+            return context.cast(builder, args[i], tys[i], types.int64)
+
+        size = tys[0].dtype.bitwidth // 8
+        vty = ir.VectorType(context.get_data_type(tys[0].dtype), vector_bytes() // size)
+        dst_p = builder.gep(context.make_array(tys[0])(context, builder, args[0]).data,
+                            [as_i64(1)])
+        src_p = builder.gep(context.make_array(tys[2])(context, builder, args[2]).data,
+                            [as_i64(3)])
+        n_v, step_v = as_i64(4), as_i64(5)
+        one = builder.icmp_signed("==", step_v, ir.Constant(i64, 1))
+        two = builder.icmp_signed("==", step_v, ir.Constant(i64, 2))
+        vectors = builder.and_(builder.icmp_signed(">=", n_v, ir.Constant(i64, vty.count)),
+                               builder.or_(one, two))
+        with builder.if_else(vectors) as (by_vectors, by_elements):
+            with by_vectors:
+                with builder.if_else(one) as (unit, pairs):
+                    with unit:
+                        _emit_copy_run(builder, vty, size, dst_p, src_p, n_v, 1)
+                    with pairs:
+                        _emit_copy_run(builder, vty, size, dst_p, src_p, n_v, 2)
+            with by_elements:
+                with cgutils.for_range(builder, n_v) as loop:
+                    value = builder.load(builder.gep(src_p, [builder.mul(loop.index, step_v)]))
+                    builder.store(value, builder.gep(dst_p, [loop.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -35,8 +35,8 @@ from numba import njit, prange
 from .._args import Conv2dParams
 from . import _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._microkernel import tile_fma
-from ._window import U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
+from ._microkernel import copy_run, tile_fma
+from ._window import add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
 # Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
@@ -453,17 +453,16 @@ def _tap_offsets(cin, kh, kw, sw, dh, dw, plane, row, wq):
 
 
 @njit(cache=True, nogil=True)
-def _phase_rows(x3, flat, plane, rows, ih0, pl, sw, wq):
-    """Rows ih0 .. ih0 + rows - 1 of x3 (C, H, W), zero-padded by pl columns on the left (and
-    as needed on the right) and each split into sW column phases of Wq, into 1-D ``flat``:
-    flat[c*plane + r*sW*Wq + p*Wq + m] = x3[c, ih0 + r, m*sW + p - pl], zero outside x3."""
-    cin, h, w = x3.shape
-    # Each phase's columns inside x3, [lo, hi): divisions hoisted out of the row loop.
+def _phase_rows(xflat, x0, cin, h, w, flat, plane, rows, ih0, pl, sw, wq):
+    """Rows ih0 .. ih0 + rows - 1 of the (C, H, W) planes at xflat[x0:], zero-padded by pl
+    columns on the left (and as needed on the right) and each split into sW column phases of
+    Wq, into 1-D ``flat``: flat[c*plane + r*sW*Wq + p*Wq + m] = x[c, ih0 + r, m*sW + p - pl],
+    zero outside x. The runs go by ``copy_run`` (whole vectors; these rows are short)."""
+    # Each phase's columns inside x, [lo, hi): divisions hoisted out of the row loop.
     span = np.empty((sw, 2), dtype=np.int64)
     for p in range(sw):
         span[p, 0], span[p, 1] = col_range(pl - p, sw, w, wq)
     for c in range(cin):
-        src = x3[c].reshape(-1)
         for r in range(rows):
             ih = ih0 + r
             for p in range(sw):
@@ -473,28 +472,9 @@ def _phase_rows(x3, flat, plane, rows, ih0, pl, sw, wq):
                     continue
                 lo, hi = span[p, 0], span[p, 1]
                 fill_at(flat, d0, lo, 0)
-                s0 = ih * w + lo * sw + p - pl
-                if sw == 1:
-                    copy_at(flat, d0 + lo, src, s0, hi - lo)
-                else:
-                    _copy_every(flat, d0 + lo, src, s0, hi - lo, sw)
+                copy_run(flat, d0 + lo, xflat, x0 + (c * h + ih) * w + lo * sw + p - pl,
+                         hi - lo, sw)
                 fill_at(flat, d0 + hi, wq - hi, 0)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _copy_every(dst, d0, src, s0, n, step):
-    """dst[d0 + q] = src[s0 + q*step] for q < n (offsets >= 0; unsigned, and step 2 written
-    out, so LLVM vectorises the stride-2 reads: see _window.U64)."""
-    if d0 < 0 or s0 < 0:
-        return
-    a, b = U64(d0), U64(s0)
-    if step == 2:
-        for q in range(U64(n)):
-            dst[a + q] = src[b + U2 * q]
-    else:
-        st = U64(step)
-        for q in range(U64(n)):
-            dst[a + q] = src[b + st * q]
 
 
 @njit(cache=True, nogil=True)
@@ -562,7 +542,7 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh
     # reads the input as it is (stride 1 along rows, no padding).
     copied = sw > 1 or pt != 0 or pl != 0 or (ho - 1) * sh + (kh - 1) * dh >= h or wq > w
     rows_max = (chunk - 1) * sh + (kh - 1) * dh + 1
-    yflat = y4.reshape(-1)
+    yflat, xflat = y4.reshape(-1), x4.reshape(-1)
     for item in prange(n_img * groups * bands):
         img = item // (groups * bands)
         g = (item // bands) % groups
@@ -574,7 +554,7 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh
         if copied:
             plane, row = rows_max * sw * wq, sw * wq
             src = np.empty(cin_g * plane, dtype=x4.dtype)
-            x3 = x4[img, g * cin_g:(g + 1) * cin_g]
+            at = (img * c_in + g * cin_g) * h * w  # the group's planes in xflat
         else:
             plane, row = h * w, w
             src = x4[img].reshape(-1)
@@ -582,8 +562,8 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh
         for c0 in range(oh0, oh1, chunk if copied else oh1 - oh0):
             c1 = min(oh1, c0 + chunk) if copied else oh1
             if copied:
-                _phase_rows(x3, src, plane, (c1 - c0 - 1) * sh + (kh - 1) * dh + 1,
-                            c0 * sh - pt, pl, sw, wq)
+                _phase_rows(xflat, at, cin_g, h, w, src, plane,
+                            (c1 - c0 - 1) * sh + (kh - 1) * dh + 1, c0 * sh - pt, pl, sw, wq)
                 base = -c0 * sh * row  # output row oh starts at (oh - c0)*sH rows
             else:
                 base = g * cin_g * plane
