@@ -78,6 +78,12 @@ def max_tile() -> int:
     return 14 if _wide_vectors() else 6
 
 
+def _vector_type(context, dtype):
+    """(LLVM vector type of ``lanes`` elements of the Numba float ``dtype``, element bytes)."""
+    size = dtype.bitwidth // 8
+    return ir.VectorType(context.get_data_type(dtype), vector_bytes() // size), size
+
+
 def _transpose(builder, rows, lanes_n):
     """rows[c][l] <- rows[l][c] for a square block of lanes_n vectors: log2(lanes_n) stages,
     each swapping the off-diagonal d x d sub-blocks of row pairs (i, i + d) by two-input
@@ -202,9 +208,7 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
         def as_i64(i):
             return context.cast(builder, args[i], tys[i], types.int64)
 
-        elem = context.get_data_type(tys[0].dtype)
-        size = tys[0].dtype.bitwidth // 8
-        vty = ir.VectorType(elem, vector_bytes() // size)
+        vty, size = _vector_type(context, tys[0].dtype)
         suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
         ptrs = (builder.gep(data(0), [as_i64(1)]), data(2), builder.gep(data(4), [as_i64(5)]),
                 builder.gep(data(6), [as_i64(7)]), builder.gep(data(8), [as_i64(9)]))
@@ -228,8 +232,8 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
 
 
 # ---------------------------------------------------------------------------- short runs
-# Copies of a few dozen elements (rows of 28-56 floats: padding a plane, splitting a row into
-# column phases) run scalar when written as Numba loops: LLVM's vector loop takes 64 float32
+# Copies of a few dozen elements (rows of 28-56 floats split into column phases for the tiles)
+# run scalar when written as Numba loops: LLVM's vector loop takes 64 float32
 # elements per iteration with AVX-512 (16 lanes x 4) and leaves shorter runs to its scalar
 # remainder. ``copy_run`` moves them a vector at a time, the last vector overlapping the one
 # before, so a run of 16 or more is whole vectors only.
@@ -285,8 +289,7 @@ def copy_run(typingctx, dst, d0, src, s0, n, step):
         def as_i64(i):
             return context.cast(builder, args[i], tys[i], types.int64)
 
-        size = tys[0].dtype.bitwidth // 8
-        vty = ir.VectorType(context.get_data_type(tys[0].dtype), vector_bytes() // size)
+        vty, size = _vector_type(context, tys[0].dtype)
         dst_p = builder.gep(context.make_array(tys[0])(context, builder, args[0]).data,
                             [as_i64(1)])
         src_p = builder.gep(context.make_array(tys[2])(context, builder, args[2]).data,

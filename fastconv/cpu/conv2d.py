@@ -433,8 +433,8 @@ def _backward_bias(gy3, gb):
 # ---- tiles: register-blocked (``_microkernel.tile_fma``) -------------------------------
 # The forward of every layer that is neither depthwise nor Winograd: each tile is t output
 # columns of one output row times v*L output channels (L = the vector lanes), summed over the
-# group's C_in/G * kH * kW taps straight from the input (zero-padded per work item when the
-# windows leave it), with the tile's accumulators in registers. No im2col matrix and no GEMM
+# group's C_in/G * kH * kW taps straight from the input (or from a copy of a few of its rows,
+# zero-padded and split into column phases), with the tile's accumulators in registers. No im2col matrix and no GEMM
 # call per chunk: on LeNet's 5x5 layer (16 x 150 x 100 per image) BLAS ran at 96 GFLOP/s and
 # the im2col copies cost a third more; the tile kernel runs the layer at 172 GFLOP/s. Stride
 # and dilation are only the tap offsets and the columns' spacing.
@@ -519,12 +519,12 @@ def _pack_block(w5, transposed, g, cb, wpk, bpk, b1):
 
 
 @njit(cache=True, parallel=True)
-def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh, kw, sh, sw,
-                  pt, pl, dh, dw):
+def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, lv, kh, kw, sh,
+                  sw, pt, pl, dh, dw):
     """y4 (N, C_out, Ho, Wo) = conv of x4 (N, C_in, H, W) with the weight w5 packs to (see
     _pack_block) plus b1 (C_out,). Work items are (image, group, band of output rows); t output
-    columns per tile (t <= Wo), output channels in blocks of lv = v*L; ``chunk`` output rows
-    per input copy."""
+    columns per tile (t <= Wo), output channels in blocks of lv = v*L; input copies of about
+    ``copy_bytes``."""
     n_img, c_in, h, w = x4.shape
     c_out, ho, wo = y4.shape[1], y4.shape[2], y4.shape[3]
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -536,12 +536,16 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh
     for item in prange(groups * nb):
         _pack_block(w5, transposed, item // nb, item % nb, wpk[item // nb, item % nb],
                     bpk[item // nb, item % nb], b1)
-    wq = wo + ((kw - 1) * dw) // sw  # columns of a phase that a row's windows read
+    wq = _phase_extent(ho, wo, kh, kw, sh, sw, dh, dw)[1]  # columns a row's windows read
     # The input rows of ``chunk`` output rows at a time are copied, zero-padded and split
-    # into column phases, into a buffer that stays in L2 for their tiles, unless the layer
-    # reads the input as it is (stride 1 along rows, no padding).
+    # into column phases, into a buffer that stays in L2 for their tiles (about copy_bytes),
+    # unless the layer reads the input as it is (stride 1 along rows, no padding).
     copied = sw > 1 or pt != 0 or pl != 0 or (ho - 1) * sh + (kh - 1) * dh >= h or wq > w
-    rows_max = (chunk - 1) * sh + (kh - 1) * dh + 1
+    chunk = ho
+    if copied:
+        row_bytes = cin_g * sw * wq * x4.itemsize
+        chunk = max(1, min(ho, (copy_bytes // row_bytes - (kh - 1) * dh) // sh))
+    rows_max = _padded_extent(chunk, wo, kh, kw, sh, sw, dh, dw)[0]
     yflat, xflat = y4.reshape(-1), x4.reshape(-1)
     for item in prange(n_img * groups * bands):
         img = item // (groups * bands)
@@ -559,11 +563,12 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, chunk, t, v, lv, kh
             plane, row = h * w, w
             src = x4[img].reshape(-1)
         offs = _tap_offsets(cin_g, kh, kw, sw, dh, dw, plane, row, wq)
-        for c0 in range(oh0, oh1, chunk if copied else oh1 - oh0):
-            c1 = min(oh1, c0 + chunk) if copied else oh1
+        for c0 in range(oh0, oh1, chunk):
+            c1 = min(oh1, c0 + chunk)
             if copied:
                 _phase_rows(xflat, at, cin_g, h, w, src, plane,
-                            (c1 - c0 - 1) * sh + (kh - 1) * dh + 1, c0 * sh - pt, pl, sw, wq)
+                            _padded_extent(c1 - c0, wo, kh, kw, sh, sw, dh, dw)[0],
+                            c0 * sh - pt, pl, sw, wq)
                 base = -c0 * sh * row  # output row oh starts at (oh - c0)*sH rows
             else:
                 base = g * cin_g * plane
@@ -612,14 +617,11 @@ def _tile_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray,
     # Output-row bands when there are too few (image, group) items to share out evenly.
     bands = 1 if n * g >= 2 * threads else min(ho, -(-2 * threads // (n * g)))
     top, _, left, _ = params.padding
-    (sh, sw), (dh, dw) = params.stride, params.dilation
-    # Output rows per input copy: their input rows about _COPY_BYTES.
-    row_bytes = (x.shape[1] // g) * sw * (wo + (kw - 1) * dw // sw) * x.itemsize
-    chunk = max(1, min(ho, (_COPY_BYTES // row_bytes - (kh - 1) * dh) // sh))
     w5 = w.reshape(g, w.shape[0] // g, w.shape[1], kh, kw)
     with parallel_region(n * g * bands):
-        _tile_forward(x, w5, b, transposed, y, g, bands, chunk, min(wo, _microkernel.max_tile()),
-                      v, v * lanes, kh, kw, sh, sw, top, left, dh, dw)
+        _tile_forward(x, w5, b, transposed, y, g, bands, _COPY_BYTES,
+                      min(wo, _microkernel.max_tile()), v, v * lanes, kh, kw, *params.stride,
+                      top, left, *params.dilation)
 
 
 # ---- depthwise: one input channel per group (C_in/groups == 1, C_out = mult * C_in) ------------
@@ -1359,10 +1361,20 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL):
         _tile_conv(xn, _np(weight), b1, y.numpy(), params)
         return y
+    # Too few output channels a group for tiles: im2col (or the 1x1 input as is) and BLAS.
+    b2 = b1.reshape(g, -1)
+    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
+    if per > 1:
+        with parallel_region(-(-n // per) * g):
+            _pointwise_packed(xn.reshape(n, g, cin_g, h * w),
+                              _np(weight).reshape(g, c_out // g, -1), b2,
+                              y.numpy().reshape(n, g, c_out // g, ho * wo),
+                              bias is not None, False, per)
+        return y
     with parallel_region(n * g):
-        _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1),
-                 b1.reshape(g, -1), y.numpy().reshape(n, g, c_out // g, ho * wo),
-                 bias is not None, _is_direct(params, (kh, kw), (h, w), (ho, wo)),
+        _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
+                 y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
+                 _is_direct(params, (kh, kw), (h, w), (ho, wo)),
                  *_geometry(params, (kh, kw), (ho, wo)))
     return y
 
