@@ -213,16 +213,46 @@ DEPTHWISE = [  # (input, weight, options): the direct kernels' paths and edges
     ((2, 5, 9, 8), (5, 1, 3, 3), dict(padding=1, groups=5)),
     ((2, 4, 8, 7), (4, 1, 4, 2), dict(padding="same", dilation=(1, 2), groups=4)),
     ((1, 2, 6, 6), (2, 1, 3, 3), dict(padding=3, groups=2)),  # padding past the reach: scatter
+    # stride 1, output as wide as the input: flat planes (_depthwise_flat and its weight
+    # gradient; the first two stride-1 cases above are flat too)
+    ((2, 3, 10, 9), (3, 1, 3, 3), dict(padding=2, dilation=2, groups=3)),  # fused, dilated
+    ((2, 3, 9, 11), (6, 1, 3, 3), dict(padding=(3, 1), groups=3)),  # rows of padding only
+    ((1, 4, 8, 10), (4, 1, 3, 3), dict(padding=(0, 1), groups=4)),  # no rows of padding
+    ((2, 2, 7, 9), (2, 1, 2, 4), dict(padding="same", groups=2)),   # even: one-sided columns
+    ((2, 3, 6, 5), (3, 1, 3, 1), dict(padding=(1, 0), groups=3)),   # one tap column
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", DEPTHWISE, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_depthwise_paths(device, shapes):
+def test_depthwise_paths(device, dtype, shapes):
     xs, ws, opts = shapes
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
-    assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, torch.float64, x, w, b), opts)
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, dtype, x, w, b), opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_depthwise_flat_planes_keep_inf_in_its_windows(dtype):
+    """A flat plane's tap column past a row's end reads the next row's first element (and
+    the other way round); an Inf there must not reach the outputs whose windows lack it."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, 6, generator=gen, dtype=dtype)
+    x[:, :, 2, 0] = float("inf")
+    x[:, :, 4, 5] = -float("inf")
+    w = torch.rand(3, 1, 3, 3, generator=gen, dtype=dtype) + 0.5  # no 0 * Inf inside
+    gy = torch.rand(2, 3, 7, 6, generator=gen, dtype=dtype) + 0.5
+    gy[:, :, 3, 0] = float("inf")
+    y = fastconv.conv2d(x, w, padding=1, groups=3)
+    expected = F.conv2d(x, w, padding=1, groups=3)
+    torch.testing.assert_close(y, expected)
+    assert y.isfinite().sum() > y.numel() // 2
+    xr = x.clone().requires_grad_()
+    gx = torch.autograd.grad(fastconv.conv2d(xr, w, padding=1, groups=3), xr, gy)[0]
+    xr.grad = None
+    expected_gx = torch.autograd.grad(F.conv2d(xr, w, padding=1, groups=3), xr, gy)[0]
+    torch.testing.assert_close(gx, expected_gx)
 
 
 TILED = [  # (input, weight, options): the CPU forward's register tiles (_tile_forward) and edges

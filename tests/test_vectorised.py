@@ -74,6 +74,15 @@ CASES = {
     # depthwise conv forward: three taps of a row fused per pass over the wide plane
     "conv2d._add_taps": lambda: (conv2d._add_taps, np.zeros(200, np.float32), _f32(400),
                                  np.ones((3, 3), np.float32), 3, 3, 1, 1, 20, 150),
+    # ... and on flat planes (stride 1, output as wide as the input): taps selected per
+    # column, the nine of a 3x3 fused
+    "conv2d._flat_plane": lambda: (conv2d._flat_plane, _f32(400), 1,
+                                   np.ones((3, 3), np.float32), np.float32(0.5),
+                                   np.float32(0), np.zeros(150, np.float32),
+                                   np.ones((3, 150), np.bool_), 15, 3, 3, 1, 1),
+    "conv2d._flat_tap_dots": lambda: (conv2d._flat_tap_dots, _f32(150), _f32(400), 1,
+                                      np.ones((3, 150), np.bool_), np.float32(0),
+                                      np.zeros((3, 3)), 15, 3, 3, 1, 1),
     # depthwise weight gradient: dot products with reassociation allowed
     "conv2d._tap_dots": lambda: (conv2d._tap_dots, _f32(150), _f32(400),
                                  np.zeros((3, 3)), 3, 3, 1, 1, 20, 150),
