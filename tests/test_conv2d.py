@@ -286,12 +286,42 @@ def test_tiled_forward(dtype, copy_bytes, shapes, monkeypatch):
         monkeypatch.setattr(cpu_conv2d, "_COPY_BYTES", copy_bytes)
     xs, ws, opts = shapes
     gen = torch.Generator().manual_seed(2)
-    x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
     assert ws[1] > 1 and not cpu_conv2d._is_winograd(
         fastconv._args.conv2d_params(ws[2:], **opts), ws)
-    assert cpu_conv2d._tiles_fill_lanes(ws[0] // opts.get("groups", 1), x.numpy().dtype,
+    assert cpu_conv2d._tiles_fill_lanes(ws[0] // opts.get("groups", 1), x.detach().numpy().dtype,
                                         cpu_conv2d.FORWARD_MIN_FILL)
     assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+
+
+STRIDED_GRAD = [  # (input, weight, options): strided input gradients as per-phase tiles
+    ((2, 16, 13, 12), (16, 16, 3, 3), dict(stride=2, padding=1)),   # ResNet's, odd height
+    # groups, column stride 3 with a phase no tap reaches, dilated columns
+    ((2, 32, 11, 10), (20, 16, 3, 2), dict(groups=2, stride=(2, 3), dilation=(1, 2),
+                                           padding=(1, 0))),
+    ((1, 16, 9, 9), (16, 16, 2, 2), dict(stride=3)),                # kernel under the stride
+    ((2, 16, 15, 14), (24, 16, 5, 5), dict(stride=2, padding=2, dilation=2)),  # odd rows: none
+    ((2, 16, 14, 14), (16, 16, 7, 7), dict(stride=2, padding=3)),   # stem-like
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", STRIDED_GRAD, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_strided_input_gradient_by_phases(dtype, shapes, monkeypatch):
+    """Forward and both gradients; the input gradient must take the per-phase tiles."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    calls = []
+    real = cpu_conv2d._strided_input_grad_tiles
+    monkeypatch.setattr(cpu_conv2d, "_strided_input_grad_tiles",
+                        lambda *a: calls.append(1) or real(*a))
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    assert calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
