@@ -303,6 +303,8 @@ STRIDED_GRAD = [  # (input, weight, options): strided input gradients as per-pha
     ((1, 16, 9, 9), (16, 16, 2, 2), dict(stride=3)),                # kernel under the stride
     ((2, 16, 15, 14), (24, 16, 5, 5), dict(stride=2, padding=2, dilation=2)),  # odd rows: none
     ((2, 16, 14, 14), (16, 16, 7, 7), dict(stride=2, padding=3)),   # stem-like
+    ((2, 16, 1, 5), (16, 16, 3, 3), dict(stride=2, padding=1)),     # one row: a phase is empty
+    ((1, 16, 3, 2), (16, 16, 3, 3), dict(stride=3, padding=1)),     # narrower than the stride
 ]
 
 

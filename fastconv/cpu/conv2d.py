@@ -689,6 +689,8 @@ def _strided_input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray
         for b, (taps_j, c0_w, dw2) in enumerate(cols):
             o = offsets[a * sw + b]
             part = buf[o:o + sizes[a * sw + b]].reshape(n, c_in, hq[a], wq[b])
+            if part.size == 0:
+                continue  # an input smaller than the stride: no such phase
             if not taps_i or not taps_j:
                 part.fill(0)  # no tap reaches this phase
                 continue
