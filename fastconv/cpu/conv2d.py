@@ -436,10 +436,11 @@ def _backward_bias(gy3, gb):
 # The forward of every layer that is neither depthwise nor Winograd: each tile is t output
 # columns of one output row times v*L output channels (L = the vector lanes), summed over the
 # group's C_in/G * kH * kW taps straight from the input (or from a copy of a few of its rows,
-# zero-padded and split into column phases), with the tile's accumulators in registers. No im2col matrix and no GEMM
-# call per chunk: on LeNet's 5x5 layer (16 x 150 x 100 per image) BLAS ran at 96 GFLOP/s and
-# the im2col copies cost a third more; the tile kernel runs the layer at 172 GFLOP/s. Stride
-# and dilation are only the tap offsets and the columns' spacing.
+# zero-padded and split into column phases), with the tile's accumulators in registers. No
+# im2col matrix and no GEMM call per chunk: on LeNet's 5x5 layer (16 x 150 x 100 per image)
+# BLAS ran at 96 GFLOP/s and the im2col copies cost a third more; the tile kernel runs the
+# layer at 172 GFLOP/s. Stride and dilation are only the tap offsets and the columns'
+# spacing.
 @njit(cache=True, nogil=True)
 def _tap_offsets(cin, kh, kw, sw, dh, dw, plane, row, wq):
     """offs[(c*kH + i)*kW + j]: where tap (c, i, j) of a window sits relative to the window's
@@ -834,14 +835,14 @@ def _depthwise_forward(x4, w3, b1, y4, kh, kw, sh, sw, pt, pl, dh, dw):
 
 
 # Flat planes. Depthwise, stride 1, output as wide as the input (the usual 'same' layer):
-# the plane is used flat. Output q = oh*W + ow reads the input at q + i*dH*W + j*dW - pad_left, rows
-# above and below the plane being zero margins of one contiguous copy; a tap column that
-# falls outside the row would read the neighbouring row, so each column's sum is selected
-# away there (a select, not a multiply by 0: that neighbour may be Inf). One vectorised loop
-# over the whole plane, no padded rows to build or crop. 256 channels, 28x28, batch 8, 3x3,
-# 2 threads, padded -> flat planes: forward 0.80-0.91 -> 0.40-0.44 ms, input gradient (the
-# forward with flipped filters) 0.81-0.89 -> 0.41-0.46 ms, weight gradient 1.17-1.30 ->
-# 0.46-0.61 ms.
+# the plane is used flat. Output q = oh*W + ow reads the input at q + i*dH*W + j*dW -
+# pad_left, rows above and below the plane being zero margins of one contiguous copy; a tap
+# column that falls outside the row would read the neighbouring row, so each column's sum
+# is selected away there (a select, not a multiply by 0: that neighbour may be Inf). One
+# vectorised loop over the whole plane, no padded rows to build or crop. 256 channels,
+# 28x28, batch 8, 3x3, 2 threads, padded -> flat planes: forward 0.80-0.91 -> 0.40-0.44 ms,
+# input gradient (the forward with flipped filters) 0.81-0.89 -> 0.41-0.46 ms, weight
+# gradient 1.17-1.30 -> 0.46-0.61 ms.
 @njit(cache=True, nogil=True)
 def _flat_setup(x4, out4, kh, kw, pt, pl, dh, dw):
     """For x4 (N, C_in, H, W) and an output-shaped out4 (N, C_out, Ho, W): (N, C_in, C_out,
