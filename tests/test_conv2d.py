@@ -315,8 +315,8 @@ def test_strided_input_gradient_by_phases(dtype, shapes, monkeypatch):
     from fastconv.cpu import conv2d as cpu_conv2d
 
     calls = []
-    real = cpu_conv2d._strided_input_grad_tiles
-    monkeypatch.setattr(cpu_conv2d, "_strided_input_grad_tiles",
+    real = cpu_conv2d._input_grad_tiles
+    monkeypatch.setattr(cpu_conv2d, "_input_grad_tiles",
                         lambda *a: calls.append(1) or real(*a))
     xs, ws, opts = shapes
     gen = torch.Generator().manual_seed(5)

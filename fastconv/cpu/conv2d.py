@@ -627,20 +627,41 @@ def _tile_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray,
                       top, left, *params.dilation)
 
 
-# Strided input gradients as tiles. Input row ih = r*sH + a only receives the taps i with
-# (a + pad - i*dH) divisible by sH: i0, i0 + m, ... (m = sH / gcd(sH, dH)), from output rows
-# r + c0 - t*dH', c0 = (a + pad - i0*dH) / sH, dH' = dH / gcd(sH, dH). So each of the sH*sW
-# phases (a, b) of the input gradient is a stride-1 conv of grad_out with that sub-kernel,
-# transposed and flipped like the stride-1 gradient (reach (T-1)*dH', padding reach - c0),
-# computed by the tiles into a plane of its own; the phase planes are then interleaved
-# (3x3 stride 2, 128 channels on 56x56, batch 8, 2 threads: im2col + BLAS 16.0-16.6 ms,
-# phases 11.6-12.5 ms).
+# Input gradients as tiles. At stride 1 the input gradient is a conv of grad_out with each
+# group's filters transposed (C_in/G in <-> C_out/G out) and flipped, at padding
+# (k-1)*dilation - pad (negative where the forward padded past the kernel's reach: the copy
+# crops), so the forward's tiles compute it. With a stride, input row ih = r*sH + a only
+# receives the taps i with (a + pad - i*dH) divisible by sH: i0, i0 + m, ... (m = sH /
+# gcd(sH, dH)), from output rows r + c0 - t*dH', c0 = (a + pad - i0*dH) / sH, dH' = dH /
+# gcd(sH, dH). So each of the sH*sW phases (a, b) is the stride-1 case with that sub-kernel
+# (reach (T-1)*dH', padding reach - c0), computed into a plane of its own; the phase planes
+# are then interleaved. Stride 1 is the one phase with every tap (c0 = pad, dH' = dH),
+# computed straight into the gradient. Measured (2 threads, against im2col + BLAS): 5x5, 32
+# -> 32 channels on 28x28 2.7 -> 1.6 ms; 3x3 stride 2, 128 channels on 56x56, batch 8,
+# 16.0-16.6 -> 11.6-12.5 ms.
 def _phase_taps(a: int, pad: int, k: int, s: int, d: int):
     """(taps, c0, d') of input phase ``a`` along one axis (see above); no taps: ([], 0, 1)."""
     taps = [i for i in range(k) if (a + pad - i * d) % s == 0]
     if not taps:
         return taps, 0, 1
     return taps, (a + pad - taps[0] * d) // s, d // math.gcd(s, d)
+
+
+def _phase_conv(gy: np.ndarray, weight: np.ndarray, out: np.ndarray, row_taps, col_taps,
+                groups: int) -> None:
+    """out (N, C_in, Hq, Wq) = the input-gradient phase whose taps are ``row_taps`` x
+    ``col_taps`` (``_phase_taps`` results): a stride-1 tile conv of gy with that sub-kernel of
+    weight (C_out, C_in/G, kH, kW), transposed and flipped; 0 if no tap reaches it."""
+    (taps_i, c0_h, dh), (taps_j, c0_w, dw) = row_taps, col_taps
+    if not taps_i or not taps_j:
+        out.fill(0)
+        return
+    sub = weight if (len(taps_i), len(taps_j)) == weight.shape[2:] else \
+        np.ascontiguousarray(weight[:, :, taps_i][:, :, :, taps_j])
+    pad_h, pad_w = (len(taps_i) - 1) * dh - c0_h, (len(taps_j) - 1) * dw - c0_w
+    _tile_conv(gy, sub, np.zeros(out.shape[1], dtype=out.dtype), out,
+               Conv2dParams((1, 1), (pad_h, pad_h, pad_w, pad_w), (dh, dw), groups),
+               transposed=True)
 
 
 @njit(cache=True, parallel=True)
@@ -670,36 +691,30 @@ def _interleave_phases(buf, offsets, hq, wq, gx4, sh, sw):
                     gx[dst + q * sw + b] = buf[src + q]
 
 
-def _strided_input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
-                              params: Conv2dParams) -> None:
-    """gx (N, C_in, H, W) = the input gradient of a strided conv from gy (N, C_out, Ho, Wo)
-    and weight (C_out, C_in/G, kH, kW): one tile conv per input phase (see above)."""
+def _input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
+                      params: Conv2dParams) -> None:
+    """gx (N, C_in, H, W) = the input gradient of a conv from gy (N, C_out, Ho, Wo) and weight
+    (C_out, C_in/G, kH, kW): one stride-1 tile conv per input phase (see above)."""
     n, c_in, h, w = gx.shape
     kh, kw = weight.shape[2], weight.shape[3]
     (sh, sw), (dh, dw) = params.stride, params.dilation
     top, _, left, _ = params.padding
     rows = [_phase_taps(a, top, kh, sh, dh) for a in range(sh)]
     cols = [_phase_taps(b, left, kw, sw, dw) for b in range(sw)]
+    if (sh, sw) == (1, 1):
+        _phase_conv(gy, weight, gx, rows[0], cols[0], params.groups)
+        return
     hq = np.array([-(-(h - a) // sh) for a in range(sh)], dtype=np.int64)
     wq = np.array([-(-(w - b) // sw) for b in range(sw)], dtype=np.int64)
     sizes = [n * c_in * hq[a] * wq[b] for a in range(sh) for b in range(sw)]
     offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
     buf = np.empty(sum(sizes), dtype=gx.dtype)
-    zeros = np.zeros(c_in, dtype=gx.dtype)
-    for a, (taps_i, c0_h, dh2) in enumerate(rows):
-        for b, (taps_j, c0_w, dw2) in enumerate(cols):
+    for a in range(sh):
+        for b in range(sw):
             o = offsets[a * sw + b]
             part = buf[o:o + sizes[a * sw + b]].reshape(n, c_in, hq[a], wq[b])
-            if part.size == 0:
-                continue  # an input smaller than the stride: no such phase
-            if not taps_i or not taps_j:
-                part.fill(0)  # no tap reaches this phase
-                continue
-            sub = np.ascontiguousarray(weight[:, :, taps_i][:, :, :, taps_j])
-            pad_h, pad_w = (len(taps_i) - 1) * dh2 - c0_h, (len(taps_j) - 1) * dw2 - c0_w
-            _tile_conv(gy, sub, zeros, part, Conv2dParams((1, 1), (pad_h, pad_h, pad_w, pad_w),
-                                                          (dh2, dw2), params.groups),
-                       transposed=True)
+            if part.size:  # else an input smaller than the stride: no such phase
+                _phase_conv(gy, weight, part, rows[a], cols[b], params.groups)
     with parallel_region(n * c_in):
         _interleave_phases(buf, offsets, hq, wq, gx, sh, sw)
 
@@ -1576,12 +1591,17 @@ def _depthwise_geometry(params: Conv2dParams, kernel_hw):
             params.dilation[0], params.dilation[1])
 
 
+def _is_flat(stride, in_w: int, out_w: int) -> bool:
+    """Whether a depthwise conv runs on flat planes: stride 1, output as wide as the input."""
+    return tuple(stride) == (1, 1) and out_w == in_w
+
+
 def _depthwise(x4, w3, b1, y4, kh, kw, sh, sw, pt, pl, dh, dw):
     """y4 = the depthwise conv of x4 (N, C_in, H, W) with w3 (C_out, kH, kW) plus b1: flat
     planes for stride 1 with the output as wide as the input, else padded planes."""
     n, c_in = x4.shape[:2]
     with parallel_region(n * c_in) as threads:
-        if sh == 1 and sw == 1 and y4.shape[3] == x4.shape[3]:
+        if _is_flat((sh, sw), x4.shape[3], y4.shape[3]):
             _depthwise_flat(x4, w3, b1, y4, kh, kw, pt, pl, dh, dw, 8 * threads)
         else:
             _depthwise_forward(x4, w3, b1, y4, kh, kw, sh, sw, pt, pl, dh, dw)
@@ -1679,28 +1699,13 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
             _depthwise_backward_input(_np(grad_out), _np(weight).reshape(c_out, kh, kw),
                                       gx.numpy(), *_depthwise_geometry(params, (kh, kw)))
         return gx
-    if params.stride == (1, 1) and _tiles_fill_lanes(cin_g, gx.numpy().dtype,
-                                                     INPUT_GRAD_MIN_FILL) \
-            and not _is_direct(params, (kh, kw), (h, w), (ho, wo)):
-        # Stride 1: the input gradient is a conv of grad_out with each group's filters
-        # transposed (C_in/G in <-> C_out/G out) and flipped, at padding (k-1)*dilation - pad
-        # (negative where the forward padded past the kernel's reach: the copy crops), so the
-        # forward's tiles compute it (5x5, 32 -> 32 channels on 28x28: 2.7 -> 1.6 ms). Not
-        # for 1x1 layers: BLAS on the input as is measured faster (2048 -> 512 on 7x7: 5.0 ms
-        # against 6.0).
-        top, bottom, left, right = params.padding
-        dh, dw = params.dilation
-        reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
-        _tile_conv(_np(grad_out), _np(weight), np.zeros(c_in, dtype=gx.numpy().dtype),
-                   gx.numpy(), Conv2dParams((1, 1), (reach_h - top, reach_h - bottom,
-                                                     reach_w - left, reach_w - right),
-                                            params.dilation, g), transposed=True)
-        return gx
-    if params.stride != (1, 1) and (kh, kw) != (1, 1) and \
-            _tiles_fill_lanes(cin_g, gx.numpy().dtype, INPUT_GRAD_MIN_FILL):
-        # Strided: one stride-1 tile conv per input phase, interleaved (see
-        # _strided_input_grad_tiles). 1x1 layers keep BLAS, as at stride 1.
-        _strided_input_grad_tiles(_np(grad_out), _np(weight), gx.numpy(), params)
+    if _tiles_fill_lanes(cin_g, gx.numpy().dtype, INPUT_GRAD_MIN_FILL) \
+            and not _is_direct(params, (kh, kw), (h, w), (ho, wo)) \
+            and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
+        # Tiles, one stride-1 conv per input phase (see _input_grad_tiles). Not for 1x1
+        # layers read as they are, nor strided 1x1 ones: BLAS on the input as is measured
+        # faster (2048 -> 512 on 7x7: 5.0 ms against 6.0).
+        _input_grad_tiles(_np(grad_out), _np(weight), gx.numpy(), params)
         return gx
     per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
     if per > 1:
@@ -1751,7 +1756,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     if cin_g == 1:
         geometry = _depthwise_geometry(params, (kh, kw))
         with parallel_region(c_out):
-            if params.stride == (1, 1) and wo == w:
+            if _is_flat(params.stride, w, wo):
                 _depthwise_flat_weight(_np(grad_out), _np(x), gw.numpy().reshape(c_out, kh, kw),
                                        kh, kw, *geometry[4:])
             else:
