@@ -5,6 +5,7 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,22 +309,80 @@ STRIDED_GRAD = [  # (input, weight, options): strided input gradients as per-pha
 ]
 
 
+def _matches_torch_by(path, dtype, shapes, seed, monkeypatch):
+    """Forward and both gradients against PyTorch, asserting the CPU engine's ``path`` (a
+    function of fastconv.cpu.conv2d) ran."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    calls = []
+    real = getattr(cpu_conv2d, path)
+    monkeypatch.setattr(cpu_conv2d, path, lambda *a: calls.append(1) or real(*a))
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    assert calls, f"{path} did not run"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", STRIDED_GRAD, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_strided_input_gradient_by_phases(dtype, shapes, monkeypatch):
     """Forward and both gradients; the input gradient must take the per-phase tiles."""
+    _matches_torch_by("_input_grad_tiles", dtype, shapes, 5, monkeypatch)
+
+
+WEIGHT_GRAD = [  # (input, weight, options): weight gradients as tiles over the batch's pixels
+    ((2, 16, 13, 12), (16, 16, 3, 3), dict(stride=2, padding=1)),   # ResNet's, odd height
+    ((3, 6, 14, 14), (16, 6, 5, 5), {}),                            # LeNet's: x read as is
+    # groups; a group's 20 channels leave a part-filled vector (float64: a block's second
+    # vector past every channel); dilated rows
+    ((2, 8, 11, 10), (40, 4, 3, 2), dict(groups=2, stride=(2, 1), dilation=(2, 1),
+                                         padding=(1, 0))),
+    ((1, 4, 9, 20), (12, 4, 1, 15), dict(padding=(0, 7))),          # a row wider than a tile
+    ((2, 16, 14, 14), (16, 16, 7, 7), dict(stride=2, padding=3)),   # stem-like
+    ((2, 16, 10, 10), (16, 16, 3, 3), dict(stride=3)),              # rows the windows skip
+    ((2, 16, 7, 7), (16, 16, 3, 3), dict(padding=2, stride=(1, 2))),  # windows past the end
+    # 'same' with a 2x2 kernel pads only the bottom and right: the windows read past the
+    # input with no top or left padding
+    ((2, 16, 6, 9), (16, 16, 2, 2), dict(padding="same")),
+]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2048], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", WEIGHT_GRAD, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_weight_gradient_by_tiles(dtype, shapes, chunk_bytes, monkeypatch):
+    """Forward and both gradients; the weight gradient must take the tiles (with a small
+    chunk budget, as partial sums over several chunks of pixels)."""
     from fastconv.cpu import conv2d as cpu_conv2d
 
-    calls = []
-    real = cpu_conv2d._input_grad_tiles
-    monkeypatch.setattr(cpu_conv2d, "_input_grad_tiles",
-                        lambda *a: calls.append(1) or real(*a))
-    xs, ws, opts = shapes
-    gen = torch.Generator().manual_seed(5)
-    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
-               for s in (xs, ws, ws[:1]))
-    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
-    assert calls
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cpu_conv2d, "_WEIGHT_CHUNK_BYTES", chunk_bytes)
+    _matches_torch_by("_weight_grad_tiles", dtype, shapes, 7, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pack_grad_out_transposes_blocks(dtype):
+    """_pack_grad_out against numpy: whole and part-filled lane blocks, a block's vector past
+    every channel, pixel counts off the lane count, groups."""
+    from fastconv.cpu import _microkernel
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    lanes = _microkernel.lanes(dtype)
+    rng = np.random.default_rng(0)
+    for n, groups, cout_g, ho, wo, v in [(2, 1, lanes, 5, 7, 1), (3, 2, lanes + 3, 6, 6, 2),
+                                         (1, 1, 3, 1, 5, 1), (2, 3, lanes // 2, 9, 9, 1)]:
+        lv = v * lanes
+        gy = rng.standard_normal((n, groups * cout_g, ho, wo)).astype(dtype)
+        nb = -(-cout_g // lv)
+        got = np.full((groups, nb, n * ho * wo, lv), np.nan, dtype=dtype)
+        cpu_conv2d._pack_grad_out(gy, groups, lanes, got)
+        want = np.zeros((groups, nb * lv, n * ho * wo), dtype=dtype)
+        want[:, :cout_g] = gy.reshape(n, groups, cout_g, -1).transpose(1, 2, 0, 3).reshape(
+            groups, cout_g, -1)
+        want = want.reshape(groups, nb, lv, -1).transpose(0, 1, 3, 2)
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,6 +1,6 @@
 """The CPU engine's IR kernels (``fastconv.cpu._microkernel``): the register-blocked FMA tile,
 every (t, v) case against a float64 sum, nothing written outside the tile, the generated
-loop keeping its accumulators in registers; and the short-run copy."""
+loop keeping its accumulators in registers; the short-run copy and the block transpose."""
 
 import os
 import platform
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import copy_run, lanes, max_tile, tile_fma
+from fastconv.cpu._microkernel import copy_run, lanes, max_tile, tile_fma, transpose_block
 
 
 @numba.njit
@@ -119,6 +119,28 @@ def test_copy_run_moves_exactly_its_run(dtype, step):
         assert np.array_equal(dst[4:4 + n], src[5::step][:n]), n
 
 
+@numba.njit
+def _transpose_block(d, d0, dstride, s, s0, sstride):
+    transpose_block(d, d0, dstride, s, s0, sstride)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_block_moves_exactly_its_block(dtype):
+    """One L x L block between strided rows at odd (unaligned) offsets, strides above and at
+    L: every element transposed, bit for bit, and nothing outside the block written."""
+    n = lanes(dtype)
+    rng = np.random.default_rng(n)
+    for s0, sstride, d0, dstride in [(3, n + 5, 7, n + 2), (0, n, 0, n), (1, 3 * n, 5, 2 * n + 1)]:
+        src = rng.standard_normal(s0 + n * sstride).astype(dtype)
+        dst = np.full(d0 + n * dstride + 4, np.nan, dtype)
+        _transpose_block(dst, d0, dstride, src, s0, sstride)
+        block = src[s0:s0 + n * sstride].reshape(n, sstride)[:, :n]
+        got = dst[d0:d0 + n * dstride].reshape(n, dstride)
+        assert np.array_equal(got[:, :n], block.T)
+        assert np.isnan(got[:, n:]).all() and np.isnan(dst[:d0]).all()
+        assert np.isnan(dst[d0 + n * dstride:]).all()
+
+
 def test_256_bit_build_of_the_tiles(tmp_path):
     """Where Numba compiles without AVX-512 (a named portable target here, as on an AVX2
     machine), the tiles are 8 float32 lanes and at most 6 x 2: the same checks, and a
@@ -135,6 +157,7 @@ def test_256_bit_build_of_the_tiles(tmp_path):
                 t.test_every_tile_shape_sums_its_taps(dtype, v)
             for step in (1, 2, 3):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
+            t.test_transpose_block_moves_exactly_its_block(dtype)
         from helpers import assert_matches_torch
         import fastconv
         gen = torch.Generator().manual_seed(0)

@@ -7,19 +7,25 @@ planes (see "depthwise" below). Every other forward runs register-blocked tiles 
 input (see "tiles" below: ``_microkernel.tile_fma``, t output columns x up to 32 output
 channels summed over all taps in registers; no im2col, no GEMM call).
 
-The gradients of those other layers: per work item (image n, group g), chunks of whole
-output rows (~256 columns) are im2col-ed, in the "wide" layout of the input's stride-phase
-planes (see ``_phase_planes``: one contiguous copy per tap, any stride), into a (K, chunk)
-matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied with BLAS. A
-1x1 kernel with stride 1 and no padding skips im2col: the input already is that matrix; on
-small planes (at most half a chunk) several images are packed side by side into one GEMM.
+The gradients of those other layers, where a group's channels fill enough of a vector's
+lanes (``*_MIN_FILL``): grad_input as tiles too, one stride-1 conv of grad_out per stride
+phase of the input (see ``_input_grad_tiles``); grad_weight (kernels larger than 1x1, dW = 1)
+as tiles whose taps are the batch's output pixels (see "Weight gradients as tiles"). The
+rest (few channels, 1x1 layers, dilated columns): per work item (image n, group g), chunks of
+whole output rows (~256 columns) are im2col-ed, in the "wide" layout of the input's
+stride-phase planes (see ``_phase_planes``: one contiguous copy per tap, any stride), into a
+(K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied with
+BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input already is that
+matrix; on small planes (at most half a chunk) several images are packed side by side into
+one GEMM.
 
 Parallelism and determinism:
 * forward and grad_input: work items (n, g), or (n, g, band of output rows), write disjoint
   output slices, so ``prange`` over them has no races;
-* grad_weight sums over the batch: the batch is cut into P fixed contiguous chunks (P depends
-  only on the thread count), each chunk reduces into its own buffer, and the buffers are
-  summed in chunk order, so the result is bitwise the same run to run;
+* grad_weight sums over the batch: the batch (tiles: its output pixels) is cut into P fixed
+  contiguous chunks (P depends only on the thread count; tiles: only on the shapes), each
+  chunk reduces into its own buffer, and the buffers are summed in chunk order, so the
+  result is bitwise the same run to run;
 * grad_bias: one channel per iteration, accumulated in float64.
 
 Array views passed in: x5 (N, G, C_in/G, H, W), w3 (G, C_out/G, K), y4 (N, G, C_out/G, Ho*Wo).
@@ -37,7 +43,7 @@ from numba import njit, prange
 from .._args import Conv2dParams
 from . import _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
-from ._microkernel import copy_run, tile_fma
+from ._microkernel import copy_run, tile_fma, transpose_block
 from ._window import add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
@@ -591,8 +597,9 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
 # and 3x3 layers, float32): the forward's fallback GEMM has M = output channels and runs badly
 # when they are few (6 of 16 lanes: tiles 0.42 ms, BLAS 0.51; 64->6 on 56x56 6.2 vs 12.2 ms),
 # but the input gradient's GEMM has M = C_out*kH*kW and runs well (6 of 16: tiles 0.87 ms,
-# BLAS 0.40; 16 of 16: 0.36 vs 0.66).
-FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL = 0.25, 1.0
+# BLAS 0.40; 16 of 16: 0.36 vs 0.66). The weight gradient's tiles lose to BLAS at 6 of 16
+# on LeNet's first layer (3 -> 6, 5x5, 32x32, batch 64: 1.01 vs 0.66 ms).
+FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL, WEIGHT_GRAD_MIN_FILL = 0.25, 1.0, 0.5
 
 # Bytes of input rows per copy in _tile_forward: with the weights of a block of output
 # channels, within this machine class's 1 MiB L2.
@@ -717,6 +724,124 @@ def _input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
                 _phase_conv(gy, weight, part, rows[a], cols[b], params.groups)
     with parallel_region(n * c_in):
         _interleave_phases(buf, offsets, hq, wq, gx, sh, sw)
+
+
+# Weight gradients as tiles. gw[co, c, i, j] = sum over (n, oh, ow) of gy[n, co, oh, ow] *
+# x[n, c, oh*sH + i*dH - pt, ow*sW + j - pl]: ``tile_fma`` with the roles turned, its taps k
+# the batch's output pixels (offs[k]: where pixel k's window starts in x), its t columns a
+# kernel row's taps j (consecutive in x when dW = 1), its vectors output channels, and
+# grad_out, packed pixel-major, as its weights. A tile sums a whole chunk of pixels in
+# registers, so there is no im2col matrix and no GEMM call per image. The pixels are cut into
+# chunks whose packed grad_out stays in L2 while every (c, i) tile of a block reads it; the
+# chunks' partial sums are added in order, so the bits do not depend on the thread count.
+# Measured (2 threads) against im2col + BLAS: LeNet's 5x5 layer 0.44 -> 0.20 ms, 3x3 stride
+# 2 with 128 channels on 56x56 (batch 8) 13.9 -> 9.3 ms (see the README for the rest).
+@njit(cache=True, parallel=True)
+def _pack_grad_out(gy4, groups, lanes, gpk):
+    """gpk[g, cb, n*P + q, c] = gy4[n, g*C_out/G + cb*LV + c, q] (P = Ho*Wo, q = oh*Wo + ow),
+    zero past the group's channels: gy4 (N, C_out, Ho, Wo), gpk (G, NB, N*P, LV)."""
+    n_img, c_out = gy4.shape[0], gy4.shape[1]
+    p = gy4.shape[2] * gy4.shape[3]
+    nb, lv = gpk.shape[1], gpk.shape[3]
+    cout_g = c_out // groups
+    src, dst = gy4.reshape(-1), gpk.reshape(-1)
+    full = p - p % lanes
+    for item in prange(groups * nb * n_img):
+        g, cb, img = item // (nb * n_img), (item // n_img) % nb, item % n_img
+        d0 = ((g * nb + cb) * n_img + img) * p * lv
+        scratch = np.empty(lanes * lanes, dtype=gy4.dtype)
+        for sub in range(0, lv, lanes):
+            ch0 = cb * lv + sub  # the block's first channel in the group
+            s0 = (img * c_out + g * cout_g + ch0) * p
+            live = max(0, min(lanes, cout_g - ch0))
+            if live == lanes:
+                for q in range(0, full, lanes):
+                    transpose_block(dst, d0 + q * lv + sub, lv, src, s0 + q, p)
+            else:
+                # Past the group's last channel: rows of zeros, by way of a scratch block.
+                scratch[:] = 0
+                for q in range(0, full, lanes):
+                    for c in range(live):
+                        copy_run(scratch, c * lanes, src, s0 + c * p + q, lanes, 1)
+                    transpose_block(dst, d0 + q * lv + sub, lv, scratch, 0, lanes)
+            for q in range(full, p):
+                for c in range(lanes):
+                    dst[d0 + q * lv + sub + c] = src[s0 + c * p + q] if c < live else 0
+
+
+@njit(cache=True, parallel=True)
+def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks):
+    """part[chunk, g, co, (c*kH + i)*kW + j] = the weight gradient's sum over the chunk's
+    output pixels; xs4 (N, C_in, Hs, Ws) holds every window whole from (0, 0) (the input, or
+    its zero-padded copy), gpk the packed grad_out (see _pack_grad_out); dW = 1."""
+    n_img, c_in, hs, ws = xs4.shape
+    groups, nb, npix, lv = gpk.shape
+    cout_g, k_taps = part.shape[2], part.shape[3]
+    cin_g = c_in // groups
+    offs = np.empty(npix, dtype=np.int64)
+    for k in range(npix):
+        img, q = k // (ho * wo), k % (ho * wo)
+        offs[k] = img * c_in * hs * ws + (q // wo) * sh * ws + (q % wo) * sw
+    x, gflat, out = xs4.reshape(-1), gpk.reshape(-1), part.reshape(-1)
+    zero = np.zeros(lv, dtype=xs4.dtype)
+    rows = cin_g * kh  # (c, i) kernel rows a group has
+    for item in prange(chunks * groups * nb * rows):
+        ch, rest = item // (groups * nb * rows), item % (groups * nb * rows)
+        g, cb, row = rest // (nb * rows), (rest // rows) % nb, rest % rows
+        c, i = row // kh, row % kh
+        k0, k1 = ch * npix // chunks, (ch + 1) * npix // chunks
+        x0 = (g * cin_g + c) * hs * ws + i * dh * ws
+        o0 = ((ch * groups + g) * cout_g + cb * lv) * k_taps + row * kw
+        for j0 in range(0, kw, t):
+            tile_fma(x, x0 + j0, offs[k0:], k1 - k0, gflat, ((g * nb + cb) * npix + k0) * lv,
+                     zero, 0, out, o0 + j0, k_taps, cout_g - cb * lv, min(t, kw - j0), v)
+
+
+@njit(cache=True, parallel=True)
+def _pad_planes(x4, xp4, pt, pl):
+    """xp4 (N, C, Hp, Wp) = the windows of x4's planes zero-padded by (pt, pl) (_pad_plane)."""
+    for item in prange(x4.shape[0] * x4.shape[1]):
+        img, c = item // x4.shape[1], item % x4.shape[1]
+        _pad_plane(x4[img, c], xp4[img, c], pt, pl)
+
+
+# Bytes of packed grad_out a chunk of pixels holds (L2 is 1 MiB on this machine class).
+_WEIGHT_CHUNK_BYTES = 256 * 1024
+
+
+def _weight_grad_tiles(gy: np.ndarray, x: np.ndarray, gw: np.ndarray,
+                       params: Conv2dParams) -> None:
+    """gw (C_out, C_in/G, kH, kW) = the weight gradient of a conv with dW = 1 from gy
+    (N, C_out, Ho, Wo) and x (N, C_in, H, W) by tiles (see above)."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = gw.shape
+    g = params.groups
+    _, _, ho, wo = gy.shape
+    (sh, sw), (dh, _) = params.stride, params.dilation
+    top, _, left, _ = params.padding
+    lanes = _microkernel.lanes(x.dtype)
+    v = 1 if c_out // g <= lanes else 2
+    lv = v * lanes
+    # The extent the windows read, from (-top, -left): the input itself when it holds them.
+    hs, ws = (ho - 1) * sh + (kh - 1) * dh + 1, (wo - 1) * sw + kw
+    xs = x
+    if top or left or hs > h or ws > w:
+        xs = np.empty((n, c_in, hs, ws), dtype=x.dtype)
+        with parallel_region(n * c_in):
+            _pad_planes(x, xs, top, left)
+    npix = n * ho * wo
+    gpk = np.empty((g, -(-(c_out // g) // lv), npix, lv), dtype=x.dtype)
+    with parallel_region(gpk.shape[0] * gpk.shape[1] * n):
+        _pack_grad_out(gy, g, lanes, gpk)
+    chunks = max(1, min(npix, -(-npix * lv * x.itemsize // _WEIGHT_CHUNK_BYTES)))
+    gw3 = gw.reshape(g, c_out // g, -1)
+    part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw.dtype)
+    with parallel_region(chunks * g * gpk.shape[1] * gw.shape[1] * kh):
+        _tile_weight(xs, gpk, part, kh, kw, sh, sw, dh, ho, wo,
+                     min(kw, _microkernel.max_tile()), v, chunks)
+    if chunks > 1:
+        with parallel_region(g):
+            _sum_chunks(part, gw3)
 
 
 # ---- depthwise: one input channel per group (C_in/groups == 1, C_out = mult * C_in) ------------
@@ -1762,6 +1887,10 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
             else:
                 _depthwise_backward_weight(_np(grad_out), _np(x),
                                            gw.numpy().reshape(c_out, kh, kw), *geometry)
+        return gw
+    if (kh, kw) != (1, 1) and params.dilation[1] == 1 \
+            and _tiles_fill_lanes(c_out // g, gw.numpy().dtype, WEIGHT_GRAD_MIN_FILL):
+        _weight_grad_tiles(_np(grad_out), _np(x), gw.numpy(), params)
         return gw
     gw3 = gw.numpy().reshape(g, c_out // g, -1)
     # Enough chunks to keep every thread busy; fixed for a given thread count.
