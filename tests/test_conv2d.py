@@ -400,7 +400,8 @@ def test_narrow_layers_take_im2col(dtype):
         assert not cpu_conv2d._tiles_fill_lanes(ws[0] // g, np_dtype,
                                                 cpu_conv2d.FORWARD_MIN_FILL) \
             or not cpu_conv2d._tiles_fill_lanes(ws[1], np_dtype, cpu_conv2d.INPUT_GRAD_MIN_FILL)
-        x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
+        x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+                   for s in (xs, ws, ws[:1]))
         assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
 
 
@@ -410,23 +411,30 @@ POINTWISE_PACKED = [  # (input, weight, options): 1x1 layers on planes small eno
     ((7, 6, 5, 3), (9, 6, 1, 1), {}),                      # uneven blocks
     ((5, 8, 4, 4), (6, 4, 1, 1), dict(groups=2)),          # groups
     ((9, 4, 1, 1), (3, 4, 1, 1), {}),                      # 1x1 planes: many images a GEMM
+    ((6, 16, 3, 3), (37, 16, 1, 1), {}),                   # grad_weight: two row blocks
 ]
 
 
+@pytest.mark.parametrize("depth", [None, 20], ids=["one-gemm", "image-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", POINTWISE_PACKED, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_pointwise_packed_layers(dtype, shapes):
-    """Forward (with bias) and both gradients, with images packed side by side per GEMM; and
-    the packing really happens for these shapes."""
+def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
+    """Forward (with bias) and both gradients, with images packed side by side per GEMM (the
+    weight gradient's GEMMs as deep as the batch, or with a small depth, a chunk of images
+    each, added in order); and the packing really happens for these shapes."""
     from fastconv._args import conv2d_params
+    from fastconv.cpu import conv2d as cpu_conv2d
     from fastconv.cpu.conv2d import _pointwise_per
 
+    if depth is not None:
+        monkeypatch.setattr(cpu_conv2d, "_WEIGHT_GEMM_DEPTH", depth)
     xs, ws, opts = shapes
     params = conv2d_params(ws[2:], **opts)
     assert _pointwise_per(params, ws[2:], xs[2:], xs[2:], xs[0]) > 1
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen, dtype=dtype) for s in (xs, ws, ws[:1]))
-    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    assert_matches_torch(fastconv.conv2d, F.conv2d,
+                         [t.clone().requires_grad_() for t in (x, w, b)], opts)
     # Run to run, bitwise (the weight gradient's chunks and packing depend only on shapes and
     # the thread count).
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
