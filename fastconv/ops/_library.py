@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from torch._functorch import utils as _functorch_utils
 
 from .._profiling import op_range
 from ._engine import engine_for
@@ -65,6 +66,11 @@ def _autograd_kernel(op, backward, setup_context):
             return (*grads, None) if isinstance(grads, tuple) else (grads, None)
 
     Node.__name__ = Node.__qualname__ = f"{op._opname}_backward"
+    # The C apply under ``Function.apply``: that wrapper binds the arguments to forward's
+    # signature (``inspect.signature`` on every call, ~30 us, since setup_context is defined)
+    # and routes functorch transforms, which ``kernel`` refuses before getting here; forward
+    # takes ``*args``, so the binding changes nothing.
+    apply = super(torch.autograd.Function, Node).apply
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
@@ -73,7 +79,7 @@ def _autograd_kernel(op, backward, setup_context):
                     f"fastconv::{op._opname}: torch.func transforms (grad, vjp, jacrev, jvp, "
                     f"or vmap of a function that records gradients) are not supported; use "
                     f"torch.autograd.grad, which supports gradients of any order")
-            return Node.apply(*args, keyset)
+            return apply(*_functorch_utils.unwrap_dead_wrappers(args), keyset)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
