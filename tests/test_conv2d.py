@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -289,8 +290,9 @@ def test_tiled_forward(dtype, copy_bytes, shapes, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
                for s in (xs, ws, ws[:1]))
-    assert ws[1] > 1 and not cpu_conv2d._is_winograd(
-        fastconv._args.conv2d_params(ws[2:], **opts), ws)
+    params = fastconv._args.conv2d_params(ws[2:], **opts)
+    assert ws[1] > 1 and not cpu_conv2d._is_winograd(params, ws,
+                                                     params.output_hw(xs[2:], ws[2:]))
     assert cpu_conv2d._tiles_fill_lanes(ws[0] // opts.get("groups", 1), x.detach().numpy().dtype,
                                         cpu_conv2d.FORWARD_MIN_FILL)
     assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
@@ -460,20 +462,48 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_winograd_layers(dtype, shapes):
+def test_winograd_layers(dtype, shapes, monkeypatch):
     """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) forward and
-    input gradient, F(3x3, 2x2) weight gradient, per dilation phase. Error bound: a few
-    PyTorch-sized errors plus 8 ulp of the tensor's largest condition scale (Winograd mixes a
-    tile's terms, see helpers)."""
+    input gradient, F(3x3, 2x2) weight gradient, per dilation phase; on planes of any size
+    (the engine takes Winograd from 12x12 on: the small ones are its edge cases). Error bound:
+    a few PyTorch-sized errors plus 8 ulp of the tensor's largest condition scale (Winograd
+    mixes a tile's terms, see helpers)."""
     from fastconv._args import conv2d_params
-    from fastconv.cpu.conv2d import _is_winograd
+    from fastconv.cpu import conv2d as cpu_conv2d
 
+    monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_MIN_PLANE", 1)
     xs, ws, opts = shapes
-    assert _is_winograd(conv2d_params(ws[2:], **opts), ws)
+    params = conv2d_params(ws[2:], **opts)
+    assert cpu_conv2d._is_winograd(params, ws, params.output_hw(xs[2:], ws[2:]))
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen) for s in (xs, ws, ws[:1]))
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts,
                          scale="tensor")
+
+
+@pytest.mark.parametrize("shapes, winograd", [
+    (((2, 16, 7, 7), (16, 16, 3, 3), dict(padding=1)), False),       # ResNet's last stage
+    (((2, 16, 11, 12), (16, 16, 3, 3), dict(padding=1)), False),     # one side short
+    (((1, 8, 12, 12), (8, 8, 3, 3), dict(padding=1)), True),         # the smallest plane
+    (((1, 8, 24, 26), (8, 8, 3, 3), dict(padding=2, dilation=2)), True),   # 12x13 phases
+    (((1, 8, 24, 24), (8, 8, 3, 3), dict(padding=(1, 3), dilation=(1, 3))), False),  # 8 wide
+])
+def test_small_planes_leave_winograd(shapes, winograd, monkeypatch):
+    """3x3 stride-1 layers take Winograd only from 12x12 output planes per dilation phase;
+    smaller ones run as tiles, forward and both gradients right either way."""
+    from fastconv._args import conv2d_params
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    xs, ws, opts = shapes
+    params = conv2d_params(ws[2:], **opts)
+    assert cpu_conv2d._is_winograd(params, ws, params.output_hw(xs[2:], ws[2:])) == winograd
+    calls = []
+    real = cpu_conv2d._winograd
+    monkeypatch.setattr(cpu_conv2d, "_winograd", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(s, generator=gen).requires_grad_() for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts, scale="tensor")
+    assert bool(calls) == winograd
 
 
 @st.composite
@@ -493,9 +523,13 @@ def winograd_cases(draw):
 
 @given(case=winograd_cases())
 def test_winograd_random_layers(case):
+    """On planes of any size: Winograd taken down to one output (see test_winograd_layers)."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
     tensors, opts = case
-    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", torch.float32, *tensors), opts,
-                         scale="tensor")
+    with mock.patch.object(cpu_conv2d, "_WINOGRAD_MIN_PLANE", 1):
+        assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", torch.float32, *tensors),
+                             opts, scale="tensor")
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
@@ -515,10 +549,14 @@ def test_winograd_plane_stride(itemsize):
 
 
 def test_winograd_gradgradcheck():
+    from fastconv.cpu import conv2d as cpu_conv2d
+
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 8, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, w: fastconv.conv2d(x, w, padding=1), (x, w))
+    with mock.patch.object(cpu_conv2d, "_WINOGRAD_MIN_PLANE", 1):  # a 5x4 plane
+        assert torch.autograd.gradgradcheck(lambda x, w: fastconv.conv2d(x, w, padding=1),
+                                            (x, w))
 
 
 # -- bad input -----------------------------------------------------------------------------

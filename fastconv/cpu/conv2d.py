@@ -1254,7 +1254,8 @@ _WINOGRAD_BYTES = 512 * 1024
 # GEMMs have about this many columns and each pass over U (16 C_out x C_in matrices, 16 MiB
 # for 512 channels) serves them all (measured, 2 threads: 512x512 on 7x7, batch 8, 24 ->
 # 11.3 ms; 16 and 32 channels on 8x8 and 4x4, batch 32, 0.35 -> 0.19 ms; 128 tiles was worse
-# for 256 channels on 14x14, 7 -> 10 ms, its V and M then far past L2).
+# for 256 channels on 14x14, 7 -> 10 ms, its V and M then far past L2). (7x7 planes have run
+# as tiles since, faster still: see _WINOGRAD_MIN_PLANE.)
 _WINOGRAD_MIN_TILES = 64
 # Tiles per chunk of the weight gradient, whose GEMMs run over tiles. It beats im2col on every
 # plane measured (2 threads, ms, Winograd vs im2col: 128x112x112 batch 2 29 vs 43, 16x224x224
@@ -1681,11 +1682,25 @@ def _winograd_weight_output(part, gw4):
                 gw4[co, ci, r, 2] = 0.5 * (t1 + t2) + t3
 
 
-def _is_winograd(params: Conv2dParams, weight_shape) -> bool:
-    """3x3, stride 1 (any dilation), one group, and enough channels for the GEMMs to pay."""
+# Output planes (per dilation phase) smaller than this in either dimension run as direct
+# tiles: a plane of few tiles makes Winograd's 16 GEMMs small and its transforms' edges a large
+# share. Measured (2 threads, fwd / grad_input / grad_weight, Winograd vs tiles): 512->512 on
+# 7x7, batch 8, 10.2 / 12.1 / 15.4 vs 9.8 / 10.1 / 10.0 ms; 256->256 on 7x7 2.3 / 2.8-5.6 / 3.2
+# vs 2.4 / 2.5 / 2.6 ms; 128->128 on 10x10 1.49 / 1.60 / 1.17 vs 1.22 / 1.25 / 1.29 ms; the
+# demo's 16->32 on 4x4, batch 45, 0.14 / 0.18 / 0.13 vs 0.10 / 0.15 / 0.11 ms. From 12x12 on
+# Winograd wins every pass (128->128: 1.36 / 1.45 / 1.65 vs 1.68 / 1.71 / 1.76 ms; 256->256
+# on 14x14: 5.7 / 6.3 / 7.1 vs 8.6 / 8.7 / 8.9 ms).
+_WINOGRAD_MIN_PLANE = 12
+
+
+def _is_winograd(params: Conv2dParams, weight_shape, out_hw) -> bool:
+    """3x3, stride 1 (any dilation), one group, enough channels for the GEMMs to pay, and
+    output planes (``out_hw``, per dilation phase) of enough tiles."""
     c_out, cin_g, kh, kw = weight_shape
+    (dh, dw), (ho, wo) = params.dilation, out_hw
     return (kh, kw) == (3, 3) and params.stride == (1, 1) and \
-        params.groups == 1 and cin_g >= 8 and c_out >= 8
+        params.groups == 1 and cin_g >= 8 and c_out >= 8 and \
+        min(-(-ho // dh), -(-wo // dw)) >= _WINOGRAD_MIN_PLANE
 
 
 def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int) -> int:
@@ -1770,7 +1785,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         _depthwise(xn, _np(weight).reshape(c_out, kh, kw), b1, y.numpy(),
                    *_depthwise_geometry(params, (kh, kw)))
         return y
-    if _is_winograd(params, weight.shape):
+    if _is_winograd(params, weight.shape, (ho, wo)):
         top, _, left, _ = params.padding
         _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left, params.dilation)
         return y
@@ -1807,7 +1822,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     gx = _runtime.empty((n, c_in, h, w), grad_out.dtype)
     if gx.numel() == 0:
         return gx
-    if _is_winograd(params, weight.shape):
+    if _is_winograd(params, weight.shape, (ho, wo)):
         # The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of grad_out with
         # the filters flipped and transposed, at padding 2*dilation - pad.
         top, _, left, _ = params.padding
@@ -1870,7 +1885,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     gw = _runtime.empty(tuple(weight_shape), x.dtype)
     if n == 0:
         return gw.zero_()
-    if _is_winograd(params, weight_shape):
+    if _is_winograd(params, weight_shape, (ho, wo)):
         top, _, left, _ = params.padding
         xn, gyn = _np(x), _np(grad_out)
         chunks = min(n, engine_threads())
