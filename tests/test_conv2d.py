@@ -60,6 +60,49 @@ def test_matches_torch(device, dtype, case):
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on(device, dtype, x, weight, bias), opts)
 
 
+@st.composite
+def tile_cases(draw):
+    """Random layers wide enough for the CPU engine's tiles: output channels a group that fill
+    at least half a float32 vector (forward and weight-gradient tiles), input channels a group
+    either few or a full vector (input-gradient tiles), any kernel, stride, dilation, padding
+    and size; 3x3 stride-1 layers go to Winograd only on planes of 12x12 and up, so most of
+    them here run as tiles too."""
+    groups = draw(st.integers(1, 2))
+    cin_g = draw(st.sampled_from([1, 2, 3, 5, 16, 17]))
+    cout_g = draw(st.integers(8, 20))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    options = [st.integers(0, 2), st.tuples(st.integers(0, 3), st.integers(0, 3))]
+    if stride == (1, 1):
+        options.append(st.just("same"))
+    padding = draw(st.one_of(*options))
+    pads = (9, 9) if padding == "same" else \
+        (padding, padding) if isinstance(padding, int) else padding
+    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0])
+    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1])
+    h, w = draw(st.integers(min_h, min_h + 11)), draw(st.integers(min_w, min_w + 11))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn((draw(st.integers(1, 3)), groups * cin_g, h, w), generator=gen)
+    weight = torch.randn((groups * cout_g, cin_g, kh, kw), generator=gen)
+    bias = torch.randn(groups * cout_g, generator=gen)
+    return x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@given(case=tile_cases())
+def test_tile_paths_match_torch(case):
+    """Forward and both gradients on random layers of the tile paths (the targeted lists
+    above pin their edge cases; these are fresh shapes every run)."""
+    from fastconv._args import conv2d_params
+    from fastconv.cpu.conv2d import _is_winograd
+
+    x, weight, bias, opts = case
+    params = conv2d_params(weight.shape[2:], **opts)
+    winograd = _is_winograd(params, weight.shape, params.output_hw(x.shape[2:], weight.shape[2:]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", torch.float32, x, weight, bias),
+                         opts, scale="tensor" if winograd else "element")
+
+
 @given(case=conv_cases(max_size=4))
 def test_matches_loop_reference(case):
     x, weight, bias, opts = case
