@@ -332,14 +332,15 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
 # for BLAS to run well, and the weight gradient's per-image products each need a temporary
 # and an addition. Images are packed side by side instead, up to _CHUNK_COLUMNS columns.
 @njit(cache=True, nogil=True)
-def _pack_images(a4, n0, cnt, g, packed):
-    """packed[:, i*HW:(i+1)*HW] = a4[n0 + i, g] (a (K, HW) matrix per image)."""
-    k, hw = a4.shape[2], a4.shape[3]
+def _pack_images(a4, n0, cnt, g, packed, r0, c0):
+    """packed[r, c0 + i*HW:c0 + (i+1)*HW] = a4[n0 + i, g, r0 + r] for r < packed's rows (rows
+    r0.. of a (K, HW) matrix per image, side by side from column c0)."""
+    hw = a4.shape[3]
     dst, ld = packed.reshape(-1), packed.shape[1]
     for i in range(cnt):
         src = a4[n0 + i, g].reshape(-1)
-        for r in range(k):
-            copy_at(dst, r * ld + i * hw, src, r * hw, hw)
+        for r in range(packed.shape[0]):
+            copy_at(dst, r * ld + c0 + i * hw, src, (r0 + r) * hw, hw)
 
 
 @njit(cache=True, parallel=True)
@@ -356,7 +357,7 @@ def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, per):
         cnt = min(n_img, n0 + per) - n0
         packed = np.empty((ka, cnt * hw), dtype=a4.dtype)
         result = np.empty((m, cnt * hw), dtype=a4.dtype)
-        _pack_images(a4, n0, cnt, g, packed)
+        _pack_images(a4, n0, cnt, g, packed, 0, 0)
         if transpose:
             np.dot(mat3[g].T, packed, result)
         else:
@@ -390,17 +391,14 @@ def _pointwise_weight_rows(gy4, x4, gw3, n0, cnt, blocks, first):
     xp = np.empty((groups, k, cnt * hw), dtype=x4.dtype)
     for item in prange(groups * cnt):
         g, i = item // cnt, item % cnt
-        for r in range(k):
-            copy_at(xp[g, r], i * hw, x4[n0 + i, g, r], 0, hw)
+        _pack_images(x4, n0 + i, 1, g, xp[g], 0, i * hw)
     for item in prange(groups * blocks):
         g, blk = item // blocks, item % blocks
         r0, r1 = blk * m // blocks, (blk + 1) * m // blocks
         if r0 == r1:
             continue
         gp = np.empty((r1 - r0, cnt * hw), dtype=gy4.dtype)
-        for i in range(cnt):
-            for r in range(r0, r1):
-                copy_at(gp[r - r0], i * hw, gy4[n0 + i, g, r], 0, hw)
+        _pack_images(gy4, n0, cnt, g, gp, r0, 0)
         if first:
             np.dot(gp, xp[g].T, gw3[g, r0:r1])
         else:
