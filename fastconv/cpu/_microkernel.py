@@ -84,6 +84,22 @@ def _vector_type(context, dtype):
     return ir.VectorType(context.get_data_type(dtype), vector_bytes() // size), size
 
 
+def _float_runs(arrays, ints) -> bool:
+    """Whether ``arrays`` are 1-D contiguous arrays of one float dtype and ``ints`` integers:
+    the argument types the intrinsics below take."""
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays) \
+        and arrays[0].dtype in (types.float32, types.float64) \
+        and all(a.dtype == arrays[0].dtype for a in arrays) \
+        and all(isinstance(a, types.Integer) for a in ints)
+
+
+def _element_ptr(context, builder, signature, args, a, i):
+    """Pointer to element ``args[i]`` of the 1-D array ``args[a]`` in an intrinsic's codegen."""
+    tys = signature.args
+    data = context.make_array(tys[a])(context, builder, args[a]).data
+    return builder.gep(data, [context.cast(builder, args[i], tys[i], types.int64)])
+
+
 def _transpose(builder, rows, lanes_n):
     """rows[c][l] <- rows[l][c] for a square block of lanes_n vectors: log2(lanes_n) stages,
     each swapping the off-diagonal d x d sub-blocks of row pairs (i, i + d) by two-input
@@ -186,15 +202,9 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
     (bias: v*L values from boff); offs: 1-D int64, at least nk entries; the rest integers.
     1 <= t <= ``max_tile()`` and v in (1, 2); other (t, v) store nothing. No bounds checks:
     the caller keeps every read and write inside its arrays."""
-    arrays = (x, w, bias, out)
-    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
-        return None
-    if x.dtype not in (types.float32, types.float64) or any(a.dtype != x.dtype for a in arrays):
+    if not _float_runs((x, w, bias, out), (xoff, nk, woff, boff, ooff, ostride, n_co, t, v)):
         return None
     if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1):
-        return None
-    ints = (xoff, nk, woff, boff, ooff, ostride, n_co, t, v)
-    if not all(isinstance(a, types.Integer) for a in ints):
         return None
     sig = types.void(x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostride, n_co, t, v)
 
@@ -273,12 +283,7 @@ def copy_run(typingctx, dst, d0, src, s0, n, step):
     """dst[d0 + q] = src[s0 + q*step] for q < n (1-D contiguous arrays of one float dtype,
     no overlap). Vectors for step 1 or 2 when n >= ``lanes``; an element loop otherwise. No
     bounds checks: the caller keeps both runs inside their arrays."""
-    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
-               for a in (dst, src)):
-        return None
-    if dst.dtype not in (types.float32, types.float64) or src.dtype != dst.dtype:
-        return None
-    if not all(isinstance(a, types.Integer) for a in (d0, s0, n, step)):
+    if not _float_runs((dst, src), (d0, s0, n, step)):
         return None
     sig = types.void(dst, d0, src, s0, n, step)
 
@@ -290,10 +295,8 @@ def copy_run(typingctx, dst, d0, src, s0, n, step):
             return context.cast(builder, args[i], tys[i], types.int64)
 
         vty, size = _vector_type(context, tys[0].dtype)
-        dst_p = builder.gep(context.make_array(tys[0])(context, builder, args[0]).data,
-                            [as_i64(1)])
-        src_p = builder.gep(context.make_array(tys[2])(context, builder, args[2]).data,
-                            [as_i64(3)])
+        dst_p = _element_ptr(context, builder, signature, args, 0, 1)
+        src_p = _element_ptr(context, builder, signature, args, 2, 3)
         n_v, step_v = as_i64(4), as_i64(5)
         one = builder.icmp_signed("==", step_v, ir.Constant(i64, 1))
         two = builder.icmp_signed("==", step_v, ir.Constant(i64, 2))
@@ -322,12 +325,7 @@ def transpose_block(typingctx, dst, d0, dstride, src, s0, sstride):
     block, as L vector loads, the shuffle stages of the tile's store, and L vector stores.
     (Element loops over such a block ran scalar: packing ResNet's stem gradient, 25.7 MB,
     took 4.4 ms.) 1-D contiguous arrays of one float dtype, no overlap, no bounds checks."""
-    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
-               for a in (dst, src)):
-        return None
-    if dst.dtype not in (types.float32, types.float64) or src.dtype != dst.dtype:
-        return None
-    if not all(isinstance(a, types.Integer) for a in (d0, dstride, s0, sstride)):
+    if not _float_runs((dst, src), (d0, dstride, s0, sstride)):
         return None
     sig = types.void(dst, d0, dstride, src, s0, sstride)
 
@@ -339,10 +337,8 @@ def transpose_block(typingctx, dst, d0, dstride, src, s0, sstride):
 
         vty, size = _vector_type(context, tys[0].dtype)
         vptr = vty.as_pointer()
-        dst_p = builder.gep(context.make_array(tys[0])(context, builder, args[0]).data,
-                            [as_i64(1)])
-        src_p = builder.gep(context.make_array(tys[3])(context, builder, args[3]).data,
-                            [as_i64(4)])
+        dst_p = _element_ptr(context, builder, signature, args, 0, 1)
+        src_p = _element_ptr(context, builder, signature, args, 3, 4)
         dstride, sstride = as_i64(2), as_i64(5)
         rows = []
         for r in range(vty.count):
