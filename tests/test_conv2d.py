@@ -309,6 +309,9 @@ TILED = [  # (input, weight, options): the CPU forward's register tiles (_tile_f
     ((2, 6, 10, 10), (6, 6, 4, 4), dict(padding="same")),           # asymmetric padding
     ((2, 3, 8, 31), (5, 3, 2, 5), dict(stride=(2, 3), padding=(0, 4))),  # stride 3, wide pad
     ((2, 16, 7, 7), (40, 16, 1, 1), {}),                            # reads the input as is
+    # flat: tiles across row ends (1x1 and kx1 kernels, stride 1): a band shorter than a tile
+    ((1, 5, 9, 6), (20, 5, 3, 1), dict(dilation=(2, 1))),
+    ((1, 4, 5, 3), (9, 4, 2, 1), {}),
     ((2, 16, 6, 5), (18, 16, 1, 1), dict(padding=1)),               # 1x1 with padding
     ((2, 6, 17, 15), (9, 6, 3, 3), dict(stride=2)),                 # bottom rows never read
     # the input gradient as tiles too (stride 1, 16 input channels a group): padding past
