@@ -440,7 +440,9 @@ def test_narrow_layers_take_im2col(dtype):
     from fastconv.cpu import conv2d as cpu_conv2d
 
     gen = torch.Generator().manual_seed(3)
-    for xs, ws, opts in [((2, 8, 9, 9), (1, 8, 3, 3), dict(stride=2, padding=1)),
+    # Few input channels too: with 256-bit vectors (4 float64 lanes) any output channel
+    # count fills the forward's tiles enough.
+    for xs, ws, opts in [((2, 3, 9, 9), (1, 3, 3, 3), dict(stride=2, padding=1)),
                          ((3, 4, 11, 10), (2, 2, 5, 3), dict(groups=2, padding=(2, 1))),
                          ((2, 3, 9, 9), (9, 3, 5, 5), dict(padding=2))]:
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
@@ -489,6 +491,35 @@ def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
     grad = torch.randn(xs[0], ws[0], *xs[2:], generator=gen, dtype=dtype)
     runs = [torch.autograd.grad(fastconv.conv2d(*leaves, **opts), leaves, grad) for _ in range(2)]
     assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", [
+    ((1, 256, 3, 3), (256, 256, 1, 1), None),   # ResNet-sized weights: BLAS as the cut-off is
+    ((8, 16, 7, 7), (40, 16, 1, 1), 1),          # several images a GEMM
+    ((2, 32, 20, 18), (48, 16, 1, 1), 1),        # a GEMM per image and group
+], ids=lambda s: f"{s[0]}x{s[1]}" if isinstance(s, tuple) else s)
+def test_pointwise_large_weights_take_blas(dtype, shapes, monkeypatch):
+    """1x1 layers read as they are, with weights of _DIRECT_GEMM_BYTES or more a group, run
+    their forward as BLAS GEMMs although their output channels fill the tiles: forward and
+    both gradients still match PyTorch, and the tiles never ran."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    xs, ws, cut = shapes
+    if cut is not None:
+        monkeypatch.setattr(cpu_conv2d, "_DIRECT_GEMM_BYTES", cut)
+    groups = xs[1] // ws[1]
+    assert ws[1] * ws[0] // groups * dtype.itemsize >= cpu_conv2d._DIRECT_GEMM_BYTES
+    assert cpu_conv2d._tiles_fill_lanes(ws[0] // groups, torch.empty(0, dtype=dtype).numpy().dtype,
+                                        cpu_conv2d.FORWARD_MIN_FILL)
+    tiles = []
+    real = cpu_conv2d._tile_conv
+    monkeypatch.setattr(cpu_conv2d, "_tile_conv", lambda *a, **k: tiles.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], dict(groups=groups))
+    assert not tiles
 
 
 WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine runs as Winograd

@@ -3,9 +3,11 @@
 Algorithm: 3x3 stride-1 layers of one group (and at least 8 channels in and out) run as
 Winograd F(2x2, 3x3) (see "Winograd" below). When each group has one input channel
 (depthwise, or any conv of a single-channel input), direct kernels on flat or zero-padded
-planes (see "depthwise" below). Every other forward runs register-blocked tiles straight from the
-input (see "tiles" below: ``_microkernel.tile_fma``, t output columns x up to 32 output
-channels summed over all taps in registers; no im2col, no GEMM call).
+planes (see "depthwise" below). 1x1 layers that read the input as it is, with large weights
+(``_DIRECT_GEMM_BYTES``), run as BLAS GEMMs on the input. Every other forward runs
+register-blocked tiles straight from the input (see "tiles" below: ``_microkernel.tile_fma``,
+t output columns x up to 2 vectors of output channels summed over all taps in registers; no
+im2col, no GEMM call).
 
 The gradients of those other layers, where a group's channels fill enough of a vector's
 lanes (``*_MIN_FILL``): grad_input as tiles too, one stride-1 conv of grad_out per stride
@@ -622,6 +624,15 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
 # BLAS 0.40; 16 of 16: 0.36 vs 0.66). The weight gradient's tiles lose to BLAS at 6 of 16
 # on LeNet's first layer (3 -> 6, 5x5, 32x32, batch 64: 1.01 vs 0.66 ms).
 FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL, WEIGHT_GRAD_MIN_FILL = 0.25, 1.0, 0.5
+
+# 1x1 layers that read the input as it is run as BLAS GEMMs, not tiles, from this many bytes
+# of weights per group: the tiles then stream each block's weights and the input from L2
+# (and pack the weights on every call) and fall behind. Measured side by side on Zen 3
+# (AVX2: 6 x 2 tiles of 8 lanes), 2 threads, batch 8, tiles / BLAS (PyTorch): 512->2048 on 7x7 10.0 / 7.1 (6.8) ms, at batch 1 6.1 /
+# 0.97 (1.7); 2048->512 11.5 / 6.9 (6.9); 1024->256 on 14x14 10.7 / 9.6 (6.1); 256->1024 7.2
+# / 6.4 (6.2); 256->256 1.89 / 1.71 (1.65); 128->512 on 28x28 7.8 / 7.0 (6.6). Below it the
+# tiles mostly win: 256->64 on 56x56 7.5 / 8.3 (7.3); not 64->256 on 56x56, 8.7 / 7.5.
+_DIRECT_GEMM_BYTES = 256 * 1024
 
 # Bytes of input rows per copy in _tile_forward: with the weights of a block of output
 # channels, within this machine class's 1 MiB L2.
@@ -1802,7 +1813,9 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left, params.dilation)
         return y
     g = params.groups
-    if _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL):
+    if _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL) and not (
+            _is_direct(params, (kh, kw), (h, w), (ho, wo))
+            and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES):
         _tile_conv(xn, _np(weight), b1, y.numpy(), params)
         return y
     # Too few output channels a group for tiles: im2col (or the 1x1 input as is) and BLAS.
