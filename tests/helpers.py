@@ -1,4 +1,5 @@
-"""Comparison against PyTorch with tolerances that come from the dtype, not from guesswork."""
+"""Comparison against PyTorch with tolerances that come from the dtype, not from guesswork; and
+the target features the assembly checks compile for."""
 
 from __future__ import annotations
 
@@ -64,3 +65,10 @@ def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, see
         assert not bad.any(), (
             f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst error "
             f"{err.max().item():.3e} (PyTorch's own worst error {torch_err:.3e}, eps {eps:.1e})")
+
+
+# Numba target features of an AVX-512 x86 CPU (Zen 4), for tests that compile the CPU engine's
+# 512-bit build and read its assembly on any x86 host (never running it: the host may lack
+# AVX-512). Use with NUMBA_CPU_NAME="znver4" in a process of its own.
+AVX512_FEATURES = ("+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
+                   "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+sse2,+sse,+cx16,+movbe")
