@@ -1,7 +1,13 @@
 """Comparison against PyTorch with tolerances that come from the dtype, not from guesswork; and
-the target features the assembly checks compile for."""
+running test code in a process whose Numba compiles for another x86 target."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -69,6 +75,22 @@ def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, see
 
 # Numba target features of an AVX-512 x86 CPU (Zen 4), for tests that compile the CPU engine's
 # 512-bit build and read its assembly on any x86 host (never running it: the host may lack
-# AVX-512). Use with NUMBA_CPU_NAME="znver4" in a process of its own.
+# AVX-512).
 AVX512_FEATURES = ("+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
                    "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+sse2,+sse,+cx16,+movbe")
+
+
+def run_for_target(code: str, cache_dir, cpu_name: str, features: str | None = None,
+                   timeout: int = 900) -> str:
+    """Run ``code`` (dedented; the tests folder is importable) in a new Python process whose
+    Numba compiles for ``cpu_name`` (and ``features``), with its own cache folder; assert it
+    exits 0 and return its stdout."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu_name, NUMBA_CACHE_DIR=str(cache_dir))
+    if features is not None:
+        env["NUMBA_CPU_FEATURES"] = features
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + \
+        textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -2,13 +2,8 @@
 every (t, v) case against a float64 sum, nothing written outside the tile, the generated
 loop keeping its accumulators in registers; the short-run copy and the block transpose."""
 
-import os
 import platform
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -16,7 +11,7 @@ import pytest
 
 from fastconv.cpu import _microkernel
 from fastconv.cpu._microkernel import copy_run, lanes, max_tile, tile_fma, transpose_block
-from helpers import AVX512_FEATURES
+from helpers import AVX512_FEATURES, run_for_target
 
 
 @numba.njit
@@ -96,8 +91,6 @@ def _largest_tile_loops():
     return loops, ["rsp" in b or "rbp)" in b for b in loops]
 
 
-
-
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="inspects x86 assembly")
 def test_largest_tile_keeps_accumulators_in_registers(tmp_path):
@@ -105,20 +98,14 @@ def test_largest_tile_keeps_accumulators_in_registers(tmp_path):
     accumulator spilled to the stack costs a load and a store per FMA; a run-time column
     stride once made LLVM do exactly that). Compiled for AVX-512 in a process of its own, so
     this runs on hosts without it too."""
-    code = textwrap.dedent("""
-        import sys; sys.path.insert(0, {tests!r})
+    out = run_for_target("""
         import test_microkernel as t
         from fastconv.cpu import _microkernel
         assert _microkernel._wide_vectors() and _microkernel.max_tile() == 14
         loops, spills = t._largest_tile_loops()
         print(len(loops), sum(spills))
-    """).format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=AVX512_FEATURES,
-               NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    n_loops, n_spilling = map(int, result.stdout.split()[-2:])
+    """, tmp_path, "znver4", AVX512_FEATURES)
+    n_loops, n_spilling = map(int, out.split()[-2:])
     assert n_loops > 0, "no tap loop with 28 zmm FMAs"
     assert n_spilling == 0, "a tap loop of the largest tile touches the stack"
 
@@ -169,9 +156,8 @@ def test_256_bit_build_of_the_tiles(tmp_path):
     """Where Numba compiles without AVX-512 (a named portable target here, as on an AVX2
     machine), the tiles are 8 float32 lanes and at most 6 x 2: the same checks, and a
     strided conv with bias and gradients against PyTorch, in a process built that way."""
-    code = textwrap.dedent("""
+    out = run_for_target("""
         import numpy as np, torch, torch.nn.functional as F
-        import sys; sys.path.insert(0, {tests!r})
         import test_microkernel as t
         from fastconv.cpu import _microkernel
         assert not _microkernel._wide_vectors() and _microkernel.max_tile() == 6
@@ -188,9 +174,5 @@ def test_256_bit_build_of_the_tiles(tmp_path):
         x, w, b = (torch.randn(s, generator=gen) for s in ((2, 5, 11, 13), (19, 5, 3, 3), (19,)))
         assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], dict(stride=2, padding=1))
         print("ok")
-    """).format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \
-        result.stderr[-3000:]
+    """, tmp_path, "haswell", timeout=600)
+    assert out.strip().endswith("ok")

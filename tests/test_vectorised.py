@@ -13,20 +13,15 @@ builds the engine meets (AVX-512 and 256-bit AVX2) are checked on any x86 machin
 """
 
 import json
-import os
 import platform
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel, _window, conv2d, pool2d
-from helpers import AVX512_FEATURES
+from helpers import AVX512_FEATURES, run_for_target
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="inspects x86 assembly")
@@ -61,20 +56,15 @@ def _summary(asm: str) -> dict:
 @pytest.fixture(scope="module")
 def avx512_summaries(tmp_path_factory):
     """{case name: _summary of its AVX-512 assembly}, every case compiled in one process."""
-    code = textwrap.dedent("""
-        import json, sys; sys.path.insert(0, {tests!r})
+    out = run_for_target("""
+        import json
         import test_vectorised as t
         from fastconv.cpu import _microkernel
         assert _microkernel._wide_vectors()
         cases = dict(t.CASES, **t.STRIDED, **t.OTHER)
-        print(json.dumps({{name: t._summary(t._asm(*make())) for name, make in cases.items()}}))
-    """).format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=AVX512_FEATURES,
-               NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba")))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        print(json.dumps({name: t._summary(t._asm(*make())) for name, make in cases.items()}))
+    """, tmp_path_factory.mktemp("numba"), "znver4", AVX512_FEATURES)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _summary_for(target, name, make, request):

@@ -567,8 +567,8 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
     rows_max = _padded_extent(chunk, wo, kh, kw, sh, sw, dh, dw)[0]
     # Flat: output rows as wide as the input's and read unstrided from it as it is (1x1 and
     # kx1 kernels, stride 1, no column padding): output pixel p reads input pixel p + tap, so
-    # a band's rows are one long row and tiles run t wide across row ends. (ResNet's 7x7
-    # planes otherwise take tiles of 7 columns: 512->2048, batch 8, 12.4-15.0 -> 8.6-8.7 ms.)
+    # a band's rows are one long row and tiles run t wide across row ends. (Otherwise a 7x7
+    # plane takes tiles of one row each: 512->2048, batch 8, Zen 3, 12.4-15.0 -> 8.6-8.7 ms.)
     flat = not copied and sh == 1 and wo == w
     tr = min(t, wo)  # columns per tile along one row
     yflat, xflat = y4.reshape(-1), x4.reshape(-1)
@@ -628,10 +628,11 @@ FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL, WEIGHT_GRAD_MIN_FILL = 0.25, 1.0, 0.5
 # 1x1 layers that read the input as it is run as BLAS GEMMs, not tiles, from this many bytes
 # of weights per group: the tiles then stream each block's weights and the input from L2
 # (and pack the weights on every call) and fall behind. Measured side by side on Zen 3
-# (AVX2: 6 x 2 tiles of 8 lanes), 2 threads, batch 8, tiles / BLAS (PyTorch): 512->2048 on 7x7 10.0 / 7.1 (6.8) ms, at batch 1 6.1 /
-# 0.97 (1.7); 2048->512 11.5 / 6.9 (6.9); 1024->256 on 14x14 10.7 / 9.6 (6.1); 256->1024 7.2
-# / 6.4 (6.2); 256->256 1.89 / 1.71 (1.65); 128->512 on 28x28 7.8 / 7.0 (6.6). Below it the
-# tiles mostly win: 256->64 on 56x56 7.5 / 8.3 (7.3); not 64->256 on 56x56, 8.7 / 7.5.
+# (AVX2: 6 x 2 tiles of 8 lanes), 2 threads, batch 8, tiles / BLAS (PyTorch): 512->2048 on
+# 7x7 10.0 / 7.1 (6.8) ms, at batch 1 6.1 / 0.97 (1.7); 2048->512 11.5 / 6.9 (6.9);
+# 1024->256 on 14x14 10.7 / 9.6 (6.1); 256->1024 7.2 / 6.4 (6.2); 256->256 1.89 / 1.71
+# (1.65); 128->512 on 28x28 7.8 / 7.0 (6.6). Below it the tiles mostly win: 256->64 on 56x56
+# 7.5 / 8.3 (7.3); not 64->256 on 56x56, 8.7 / 7.5.
 _DIRECT_GEMM_BYTES = 256 * 1024
 
 # Bytes of input rows per copy in _tile_forward: with the weights of a block of output
@@ -1818,7 +1819,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES):
         _tile_conv(xn, _np(weight), b1, y.numpy(), params)
         return y
-    # Too few output channels a group for tiles: im2col (or the 1x1 input as is) and BLAS.
+    # Too few output channels a group for tiles, or a 1x1 layer with large weights: im2col
+    # (or the 1x1 input as is) and BLAS.
     b2 = b1.reshape(g, -1)
     per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
     if per > 1:
