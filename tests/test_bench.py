@@ -147,7 +147,10 @@ def test_bench_rejects_an_unknown_shape(capsys):
 
 
 def _pytest_bench(*args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Not an xdist worker's environment: pytest-benchmark reads PYTEST_XDIST_WORKER and then
+    # turns benchmarking off, which --benchmark-only refuses.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
                            "--shapes", "smoke", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
