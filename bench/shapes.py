@@ -113,6 +113,8 @@ class PoolShape:
 POOL_SHAPES = [
     PoolShape("maxpool-3x3s2-64x112", "max", 64, 112, 3, 2, padding=1),
     PoolShape("avgpool-2x2s2-64x56", "avg", 64, 56, 2, 2),
+    # Stride 1 (Inception's pooling branches): not separable, so the tap-by-tap kernels.
+    PoolShape("maxpool-3x3s1-64x56", "max", 64, 56, 3, 1, padding=1),
     PoolShape("smoke-maxpool-3x3s2", "max", 3, 9, 3, 2, padding=1,
               batch={"cpu": 2, "cuda": 2}, tags=("smoke",)),
     PoolShape("smoke-avgpool-2x2s2", "avg", 3, 8, 2, 2, batch={"cpu": 2, "cuda": 2},

@@ -178,9 +178,10 @@ def test_stride_2_fast_path_with_nans_infs_and_ties(opts, width):
 
 
 @pytest.mark.parametrize("kw, pw", [(2, 0), (2, 1), (3, 0), (3, 1)])
+@pytest.mark.parametrize("sw", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, dtype):
-    """_max_forward_pairs (2- or 3-wide windows at column stride 2) against the tap-by-tap
+def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, sw, dtype):
+    """_max_forward_pairs (2- or 3-wide windows at column stride 1 or 2) against the tap-by-tap
     kernel, which the tests above hold to PyTorch: the same bits (NaN payloads, -0.0) and the
     same window codes, for kernel heights 1-4, row strides 1-3, row padding and dilation,
     ceil_mode, rows of 1 to 75 windows (the loops' padding to 8 and to 64), and work split
@@ -195,7 +196,7 @@ def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, dtype):
             for h, w, ceil in [(1, 2, True), (5, 3, False), (7, 9, True), (4, 57, False),
                                (9, 130, False), (6, 151, True)]:
                 try:
-                    params = pool2d_params((kh, kw), (sh, 2), (ph, pw), (dh, 1), ceil,
+                    params = pool2d_params((kh, kw), (sh, sw), (ph, pw), (dh, 1), ceil,
                                            op="max_pool2d")
                     ho, wo = params.output_hw((h, w))
                 except ArgumentError:
@@ -207,12 +208,13 @@ def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, dtype):
                 x[rng.random(x.shape) < 0.1] = -0.0
                 for mode in (P.NO_INDICES, P.WINDOW_INDICES):
                     ref_y, ref_c = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
-                    P._max_forward(x, ref_y, ref_c, mode, dtype(-np.inf), 1, kh, kw, sh, 2, ph,
+                    P._max_forward(x, ref_y, ref_c, mode, dtype(-np.inf), 1, kh, kw, sh, sw, ph,
                                    pw, dh, 1)
                     for blocks in (1, 7, 40):
                         y = np.full((3, ho, wo), 9, dtype)
                         c = np.full((3, ho, wo), 99, np.uint8)
-                        P._max_forward_pairs(x, y, c, mode, blocks, kh, kw, sh, ph, pw, dh)
+                        P._max_forward_pairs(x, y, c, mode, blocks, kh, kw, sh, sw, ph, pw,
+                                             dh)
                         case = (kh, sh, dh, ph, h, w, ceil, mode, blocks)
                         assert np.array_equal(y.view(bits), ref_y.view(bits)), case
                         if mode == P.WINDOW_INDICES:
@@ -244,7 +246,7 @@ def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
                     continue
                 x = rng.integers(-2, 3, (3, h, w)).astype(dtype)
                 y, code = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
-                P._max_forward_pairs(x, y, code, P.WINDOW_INDICES, 1, kh, kw, sh, ph, pw, 1)
+                P._max_forward_pairs(x, y, code, P.WINDOW_INDICES, 1, kh, kw, sh, 2, ph, pw, 1)
                 gy = rng.standard_normal((3, ho, wo)).astype(dtype)
                 gy[rng.random(gy.shape) < 0.2] = -0.0
                 ref, bad = np.empty((3, h, w), dtype), np.zeros(3, np.uint8)

@@ -89,11 +89,15 @@ CASES = {
     # with the winning tap, then their max over the window's rows
     "pool2d._interior_maxima": lambda: (pool2d._interior_maxima, _f32(112), 0, 112,
                                         _f32(240), 56, _f32(200), np.zeros(200, np.int32), 0,
-                                        3, 1, 1, 55, False),
+                                        3, 2, 1, 1, 55, False),
     "pool2d._interior_maxima (window)": lambda: (pool2d._interior_maxima, _f32(112), 0, 112,
                                                  _f32(240), 56, _f32(200),
-                                                 np.zeros(200, np.int32), 0, 3, 1, 1, 55,
+                                                 np.zeros(200, np.int32), 0, 3, 2, 1, 1, 55,
                                                  True),
+    # ... at stride 1 (3x3/s1/p1: rows copied to scratch, not split)
+    "pool2d._interior_maxima (stride 1, window)": lambda: (
+        pool2d._interior_maxima, _f32(112), 0, 112, _f32(240), 112, _f32(300),
+        np.zeros(300, np.int32), 0, 3, 1, 1, 1, 111, True),
     "pool2d._column_maxima (window)": lambda: (pool2d._column_maxima, _f32(300),
                                                np.zeros(300, np.int32), 0, 100, 200, _f32(64),
                                                np.zeros(64, np.uint8), 0, 64, 3, 3, True),

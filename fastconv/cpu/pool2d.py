@@ -18,8 +18,8 @@ kernels and do not depend on the thread count:
   merges the phases.
 * 2x2/stride-2 average pooling has kernels of its own: each window summed and divided in
   registers; its gradient written once per input element (no fill, no accumulation).
-* Max pooling with 2- or 3-wide windows at column stride 2, without indices or with window
-  codes (the gradient's), is computed separably: each input row's window maxima once, then
+* Max pooling with 2- or 3-wide windows at column stride 1 or 2, without indices or with
+  window codes (the gradient's), is computed separably: each input row's window maxima once, then
   their max over the window's rows, in the same order (``_max_forward_pairs``).
 
 No element is written by two threads (no races, no atomics), and every summation order is
@@ -216,6 +216,9 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
 # whose window holds that row (3x3/s2: 2 new rows per output row instead of 3), and the taps
 # read contiguous phase rows instead of the pair loops' interleaved gathers. 32x64x112x112,
 # 3x3/s2/p1, window codes: 13.0 ms tap by tap, 7.3-7.7 separable; no indices: 9.6 -> 6.2.
+# At column stride 1 (3x3/s1/p1, Inception's pooling branches) the row is copied to scratch
+# instead of split, and each row's maxima serve three output rows: 32x64x56x56 without
+# indices 39.9 -> 8.4 ms on Zen 3 (fastconv bench, maxpool-3x3s1-64x56).
 # Loops over a row's windows run past its end where the junk written there is harmless
 # (``_padded``): LLVM's main vector loop (16 lanes x 4 with AVX-512) takes 64 iterations at a
 # time, and the 3x3/s2 case's 55-window rows left to the loop's epilogue ran ~1.3x slower end
@@ -250,19 +253,19 @@ def _max_of_runs(src, a0, a1, a2, three, dst, d, n):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, pw, c0, c1, coded):
+def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, sw, pw, c0, c1, coded):
     """hv[h0 + k] = max over window k's taps in the input row x[r0 : r0 + w] (kw in (2, 3),
-    stride 2, pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order. The interior
-    loop runs ``_padded`` iterations into padded scratch (junk past the row's end), so the
-    edge windows are computed after it."""
+    stride sw in (1, 2), pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order.
+    The interior loop runs ``_padded`` iterations into padded scratch (junk past the row's
+    end), so the edge windows are computed after it."""
     if c1 > c0:
-        _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, pw, c0, c1, coded)
+        _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, sw, pw, c0, c1, coded)
     # The edge windows, after the interior loop's junk: taps outside the row skipped.
     for part in range(2):
         for k in range(0, c0) if part == 0 else range(c1, wo):
             first = True
             for j in range(kw):
-                c = 2 * k - pw + j
+                c = k * sw - pw + j
                 if 0 <= c < w:
                     v = x[r0 + c]
                     if first or _wins(v, hv[h0 + k]):
@@ -272,12 +275,17 @@ def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, pw, c0, c1, coded):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, pw, c0, c1, coded):
-    phase_split(x, r0, w, phases, plen, 2)
-    # Tap j of window t reads column 2t - pw + j: phase (j - pw) & 1, element t + (j - pw) >> 1.
-    a0 = U64(((-pw) & 1) * plen + c0 + ((-pw) >> 1))
-    a1 = U64(((1 - pw) & 1) * plen + c0 + ((1 - pw) >> 1))
-    a2 = U64(((2 - pw) & 1) * plen + c0 + ((2 - pw) >> 1))
+def _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, sw, pw, c0, c1, coded):
+    # The row in scratch (as phase rows at stride 2), whose padding takes the padded loop's
+    # reads past the row's end. Tap j of window t reads column t*sw - pw + j: phase
+    # (j - pw) % sw, element t + (j - pw) // sw.
+    if sw == 2:
+        phase_split(x, r0, w, phases, plen, 2)
+    else:
+        copy_at(phases, 0, x, r0, w)
+    a0 = U64(((-pw) % sw) * plen + c0 + (-pw) // sw)
+    a1 = U64(((1 - pw) % sw) * plen + c0 + (1 - pw) // sw)
+    a2 = U64(((2 - pw) % sw) * plen + c0 + (2 - pw) // sw)
     d = U64(h0 + c0)
     n = U64(_padded(c1 - c0))
     if coded and kw == 3:
@@ -326,9 +334,9 @@ def _column_maxima(hv, hc, a, b, a2, y, code, o, n, kh, kw, coded):
 
 
 @njit(cache=True, parallel=True)
-def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, ph, pw, dh):
-    """Max pooling, separable, for 2- or 3-wide windows at column stride 2 (no column
-    dilation), without indices or with window codes (``mode``): the max of each window's
+def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
+    """Max pooling, separable, for 2- or 3-wide windows at column stride sw = 1 or 2 (no
+    column dilation), without indices or with window codes (``mode``): the max of each window's
     taps in each input row once (``_row_maxima``), kept in a ring of scratch rows while later
     output rows reuse it, then the max of those over each window's rows. Rows outer, columns
     inner, as the tap-by-tap kernel scans, so ties, NaN and the codes come out the same.
@@ -339,12 +347,14 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, ph, pw, dh):
     coded = mode == WINDOW_INDICES
     code = code3.reshape(-1)
     items = planes * ho
-    _, c0, c1 = _pair_taps(kw, 2, pw, 1, w, wo)  # windows [c0, c1) lie inside the row
-    plen = (w + 1) // 2
+    # Windows [c0, c1) lie inside the row: k*sw - pw >= 0 and k*sw - pw + kw - 1 < w.
+    c0 = min(wo, (pw + sw - 1) // sw)
+    c1 = max(c0, min(wo, (w - kw + pw) // sw + 1))
+    plen = (w + sw - 1) // sw
     span = wo + _PAD  # one ring slot: a row's window maxima and the padded loop's junk
     ring = kh * dh  # a window's rows hs + i*dh (i < kh) fall in distinct slots ih % ring
     for b in prange(blocks):
-        phases = np.empty(2 * plen + 2 * _PAD, dtype=x3.dtype)
+        phases = np.empty(sw * plen + 2 * _PAD, dtype=x3.dtype)
         hv = np.empty(ring * span, dtype=x3.dtype)
         hc = np.empty(ring * span, dtype=np.int32)  # a tap number beside each (32-bit) value
         slot = np.empty(kh, dtype=np.int64)  # where window row i's maxima start in hv
@@ -362,7 +372,7 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, ph, pw, dh):
                 s = ih % ring
                 if tag[s] != p * h + ih:
                     _row_maxima(x, (p * h + ih) * w, w, phases, plen, hv, hc, s * span, wo,
-                                kw, pw, c0, c1, coded)
+                                kw, sw, pw, c0, c1, coded)
                     tag[s] = p * h + ih
                 slot[i] = s * span
                 inside += 1
@@ -873,9 +883,9 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "fl
             y3, idx3 = y.numpy().reshape(-1, ho, wo), idx.numpy().reshape(-1, *idx.shape[2:])
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (params.kernel, params.stride,
                                                       params.padding, params.dilation)
-            if mode != FLAT_INDICES and kw in (2, 3) and sw == 2 and dw == 1:
-                _max_forward_pairs(xn, y3, idx3, mode, _blocks(n * c * ho), kh, kw, sh, ph, pw,
-                                   dh)
+            if mode != FLAT_INDICES and kw in (2, 3) and sw in (1, 2) and dw == 1:
+                _max_forward_pairs(xn, y3, idx3, mode, _blocks(n * c * ho), kh, kw, sh, sw, ph,
+                                   pw, dh)
             else:
                 _max_forward(xn, y3, idx3, mode, xn.dtype.type(lowest), _blocks(n * c * ho),
                              kh, kw, sh, sw, ph, pw, dh, dw)
