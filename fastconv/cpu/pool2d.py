@@ -608,8 +608,10 @@ def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, p
 def _divisor(y, row_factor, col_factor):
     """Window (row, column)'s divisor for data y: PyTorch's divisor is the product of a row and
     a column factor, made in the data's dtype (float32 data divides in float32, as PyTorch's
-    does)."""
-    return y.dtype.type(row_factor * col_factor)
+    does). The column factors come in that dtype (see _avg_divisor_factors) and the product is
+    taken there: both factors are exact small integers, or the row factor is divisor_override
+    and the column factor 1, so it rounds the integer product just as converting it would."""
+    return y.dtype.type(row_factor) * col_factor
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -833,14 +835,19 @@ def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pa
 
 
 def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_include_pad: bool,
-                         divisor_override: int | None):
-    """(row_factors, col_factors): window (oh, ow) divides by row[oh] * col[ow]."""
+                         divisor_override: int | None, dtype: torch.dtype):
+    """(row_factors (int64), col_factors (the data's dtype)): window (oh, ow) divides by
+    row[oh] * col[ow]. Column factors in the data's dtype keep the inner loops free of int64
+    conversions, which on 256-bit targets (AVX2, and AVX-512 hosts LLVM tunes for 256-bit
+    vectors) left 2x2 average pooling's interior loop scalar."""
+    col_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     if divisor_override:
         return (np.full(out_hw[0], divisor_override, dtype=np.int64),
-                np.ones(out_hw[1], dtype=np.int64))
+                np.ones(out_hw[1], dtype=col_dtype))
     h, w = input_shape[-2:]
-    return tuple(_avg_factors(out_hw[a], (h, w)[a], params.kernel[a], params.stride[a],
-                              params.padding[a], count_include_pad) for a in (0, 1))
+    rows, cols = (_avg_factors(out_hw[a], (h, w)[a], params.kernel[a], params.stride[a],
+                               params.padding[a], count_include_pad) for a in (0, 1))
+    return rows, cols.astype(col_dtype)
 
 
 def _blocks(items: int) -> int:
@@ -973,7 +980,7 @@ def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad:
     y = _runtime.empty((n, c, ho, wo), x.dtype)
     if y.numel():
         factors = _avg_divisor_factors(x.shape, (ho, wo), params, count_include_pad,
-                                       divisor_override)
+                                       divisor_override, x.dtype)
         with parallel_region(n * c * ho):
             if params.kernel == params.stride == (2, 2):
                 _avg_forward_2x2(_planes(x), y.numpy().reshape(-1, ho, wo), _blocks(n * c * ho),
@@ -992,7 +999,7 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
         factors = _avg_divisor_factors(input_shape, grad_out.shape[-2:], params,
-                                       count_include_pad, divisor_override)
+                                       count_include_pad, divisor_override, grad_out.dtype)
         with parallel_region(n * c * h):
             if params.kernel == params.stride == (2, 2):
                 _avg_backward_2x2(_planes(grad_out), gx.numpy().reshape(-1, h, w),
