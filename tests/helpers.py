@@ -78,6 +78,9 @@ def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, see
 # AVX-512).
 AVX512_FEATURES = ("+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
                    "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+sse2,+sse,+cx16,+movbe")
+# Zen 3's: AVX2 and FMA, no AVX-512.
+AVX2_FEATURES = ("-avx512f,-avx512vl,-avx512bw,-avx512dq,-avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
+                 "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+sse2,+sse,+cx16,+movbe")
 
 
 def run_for_target(code: str, cache_dir, cpu_name: str, features: str | None = None,

@@ -7,9 +7,10 @@ on-disk cache is not what is inspected) for float32 operands, and its assembly m
 packed single-precision arithmetic (``...ps`` on xmm/ymm/zmm registers: add, mul, max, FMA,
 compare, blend), not only the scalar ``...ss`` forms.
 
-Each check runs for the host's vector width and, on hosts without AVX-512, also for an
-AVX-512 target (Zen 4) compiled in a process of its own and only read, never run; so both
-builds the engine meets (AVX-512 and 256-bit AVX2) are checked on any x86 machine.
+Each check runs for the host and for the other vector width, compiled in a process of its own
+and only read, never run: an AVX-512 target (Zen 4) on hosts without AVX-512, an AVX2 one
+(Zen 3) on hosts with it; so both builds the engine meets (AVX-512 and 256-bit AVX2) are
+checked on any x86 machine.
 """
 
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel, _window, conv2d, pool2d
-from helpers import AVX512_FEATURES, run_for_target
+from helpers import AVX2_FEATURES, AVX512_FEATURES, run_for_target
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="inspects x86 assembly")
@@ -38,7 +39,9 @@ def _asm(kernel, *args) -> str:
     return fresh.inspect_asm(fresh.signatures[0])
 
 
-TARGETS = ["host"] + ([] if _microkernel._wide_vectors() else ["avx512"])
+TARGETS = ["host", "avx2" if _microkernel._wide_vectors() else "avx512"]
+# (Numba CPU name, features) of the targets compiled in a process of their own.
+OTHER_TARGETS = {"avx512": ("znver4", AVX512_FEATURES), "avx2": ("znver3", AVX2_FEATURES)}
 
 # Kernels LLVM may leave scalar on 256-bit targets, as an expected failure there. Empty: 2x2
 # average pooling's interior loop was scalar on Zen 3 and on an AVX-512 host LLVM tunes for
@@ -53,25 +56,29 @@ def _summary(asm: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def avx512_summaries(tmp_path_factory):
-    """{case name: _summary of its AVX-512 assembly}, every case compiled in one process."""
-    out = run_for_target("""
+def other_target_summaries(tmp_path_factory):
+    """{case name: _summary of its assembly} for TARGETS[1], every case compiled in one
+    process."""
+    target = TARGETS[1]
+    cpu, features = OTHER_TARGETS[target]
+    out = run_for_target(f"""
         import json
         import test_vectorised as t
         from fastconv.cpu import _microkernel
-        assert _microkernel._wide_vectors()
+        assert _microkernel._wide_vectors() == {target == "avx512"}
         cases = dict(t.CASES, **t.STRIDED, **t.OTHER)
-        print(json.dumps({name: t._summary(t._asm(*make())) for name, make in cases.items()}))
-    """, tmp_path_factory.mktemp("numba"), "znver4", AVX512_FEATURES)
+        print(json.dumps({{name: t._summary(t._asm(*make())) for name, make in cases.items()}}))
+    """, tmp_path_factory.mktemp("numba"), cpu, features)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def _summary_for(target, name, make, request):
-    if target == "avx512":
-        return request.getfixturevalue("avx512_summaries")[name]
-    if name in SCALAR_ON_AVX2 and not _microkernel._wide_vectors():
+    wide = _microkernel._wide_vectors() if target == "host" else target == "avx512"
+    if name in SCALAR_ON_AVX2 and not wide:
         request.applymarker(pytest.mark.xfail(reason="scalar on 256-bit targets (see "
                                                      "SCALAR_ON_AVX2)", strict=False))
+    if target != "host":
+        return request.getfixturevalue("other_target_summaries")[name]
     return _summary(_asm(*make()))
 
 
