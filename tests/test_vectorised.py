@@ -43,11 +43,6 @@ TARGETS = ["host", "avx2" if _microkernel._wide_vectors() else "avx512"]
 # (Numba CPU name, features) of the targets compiled in a process of their own.
 OTHER_TARGETS = {"avx512": ("znver4", AVX512_FEATURES), "avx2": ("znver3", AVX2_FEATURES)}
 
-# Kernels LLVM may leave scalar on 256-bit targets, as an expected failure there. Empty: 2x2
-# average pooling's interior loop was scalar on Zen 3 and on an AVX-512 host LLVM tunes for
-# 256-bit vectors ("rocketlake") until its column divisors came in the data's dtype.
-SCALAR_ON_AVX2: set = set()
-
 
 def _summary(asm: str) -> dict:
     return dict(packed=len(PACKED.findall(asm)), scalar=len(SCALAR.findall(asm)),
@@ -73,10 +68,6 @@ def other_target_summaries(tmp_path_factory):
 
 
 def _summary_for(target, name, make, request):
-    wide = _microkernel._wide_vectors() if target == "host" else target == "avx512"
-    if name in SCALAR_ON_AVX2 and not wide:
-        request.applymarker(pytest.mark.xfail(reason="scalar on 256-bit targets (see "
-                                                     "SCALAR_ON_AVX2)", strict=False))
     if target != "host":
         return request.getfixturevalue("other_target_summaries")[name]
     return _summary(_asm(*make()))

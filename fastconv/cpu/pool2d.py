@@ -115,9 +115,17 @@ def _pair_taps(kw, sw, pw, dw, w, wo):
     [c0, c1) whose taps all lie inside the row."""
     if sw != 2 or dw != 1 or kw not in (2, 3):
         return False, 0, 0
-    c0 = min(wo, (pw + 1) // 2)
-    c1 = max(c0, min(wo, (w - kw + pw) // 2 + 1))
+    c0, c1 = _inside_windows(kw, 2, pw, w, wo)
     return True, c0, c1
+
+
+@njit(cache=True, nogil=True)
+def _inside_windows(kw, sw, pw, w, wo):
+    """(c0, c1): the windows [c0, c1) of a row of w columns (kw wide, column stride sw, left
+    padding pw, no dilation) whose taps all lie inside it: k*sw - pw >= 0 and
+    k*sw - pw + kw - 1 < w."""
+    c0 = min(wo, (pw + sw - 1) // sw)
+    return c0, max(c0, min(wo, (w - kw + pw) // sw + 1))
 
 
 # Offsets into whole 1-D arrays, not a view per row (each Numba view takes and drops a
@@ -347,9 +355,7 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
     coded = mode == WINDOW_INDICES
     code = code3.reshape(-1)
     items = planes * ho
-    # Windows [c0, c1) lie inside the row: k*sw - pw >= 0 and k*sw - pw + kw - 1 < w.
-    c0 = min(wo, (pw + sw - 1) // sw)
-    c1 = max(c0, min(wo, (w - kw + pw) // sw + 1))
+    c0, c1 = _inside_windows(kw, sw, pw, w, wo)
     plen = (w + sw - 1) // sw
     span = wo + _PAD  # one ring slot: a row's window maxima and the padded loop's junk
     ring = kh * dh  # a window's rows hs + i*dh (i < kh) fall in distinct slots ih % ring
@@ -835,12 +841,11 @@ def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pa
 
 
 def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_include_pad: bool,
-                         divisor_override: int | None, dtype: torch.dtype):
-    """(row_factors (int64), col_factors (the data's dtype)): window (oh, ow) divides by
+                         divisor_override: int | None, col_dtype: np.dtype):
+    """(row_factors (int64), col_factors (col_dtype, the data's)): window (oh, ow) divides by
     row[oh] * col[ow]. Column factors in the data's dtype keep the inner loops free of int64
     conversions, which on 256-bit targets (AVX2, and AVX-512 hosts LLVM tunes for 256-bit
     vectors) left 2x2 average pooling's interior loop scalar."""
-    col_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     if divisor_override:
         return (np.full(out_hw[0], divisor_override, dtype=np.int64),
                 np.ones(out_hw[1], dtype=col_dtype))
@@ -980,7 +985,7 @@ def avg_pool2d_forward(x: torch.Tensor, params: Pool2dParams, count_include_pad:
     y = _runtime.empty((n, c, ho, wo), x.dtype)
     if y.numel():
         factors = _avg_divisor_factors(x.shape, (ho, wo), params, count_include_pad,
-                                       divisor_override, x.dtype)
+                                       divisor_override, y.numpy().dtype)
         with parallel_region(n * c * ho):
             if params.kernel == params.stride == (2, 2):
                 _avg_forward_2x2(_planes(x), y.numpy().reshape(-1, ho, wo), _blocks(n * c * ho),
@@ -999,7 +1004,7 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
         factors = _avg_divisor_factors(input_shape, grad_out.shape[-2:], params,
-                                       count_include_pad, divisor_override, grad_out.dtype)
+                                       count_include_pad, divisor_override, gx.numpy().dtype)
         with parallel_region(n * c * h):
             if params.kernel == params.stride == (2, 2):
                 _avg_backward_2x2(_planes(grad_out), gx.numpy().reshape(-1, h, w),
