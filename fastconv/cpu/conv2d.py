@@ -21,6 +21,10 @@ BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input already 
 matrix; on small planes (at most half a chunk) several images are packed side by side into
 one GEMM (the weight gradient: all of them, one deep GEMM per block of output channels).
 
+That is the rule. Where a pass has more than one algorithm that computes it (Winograd layers:
+the rule's other choice too; 1x1 layers read as they are: tiles and the GEMM), the first call
+on a configuration with enough work times them and keeps the fastest (see ``_autotune``).
+
 Parallelism and determinism:
 * forward and grad_input: work items (n, g), or (n, g, band of output rows), write disjoint
   output slices, so ``prange`` over them has no races;
@@ -44,7 +48,7 @@ import torch
 from numba import njit, prange
 
 from .._args import Conv2dParams
-from . import _microkernel, _runtime
+from . import _autotune, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._microkernel import copy_run, tile_fma, transpose_block
 from ._window import add_at, add_into, col_range, copy_at, fill, fill_at, front
@@ -1803,39 +1807,55 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     y = _runtime.empty((n, c_out, ho, wo), x.dtype)
     if y.numel() == 0:
         return y
-    xn = _np(x)
+    xn, wn, yn = _np(x), _np(weight), y.numpy()
     b1 = _np(bias) if bias is not None else np.zeros(c_out, dtype=xn.dtype)
     if cin_g == 1:
-        _depthwise(xn, _np(weight).reshape(c_out, kh, kw), b1, y.numpy(),
-                   *_depthwise_geometry(params, (kh, kw)))
-        return y
-    if _is_winograd(params, weight.shape, (ho, wo)):
-        top, _, left, _ = params.padding
-        _winograd(xn, _winograd_filter(_np(weight)), b1, y.numpy(), top, left, params.dilation)
+        _depthwise(xn, wn.reshape(c_out, kh, kw), b1, yn, *_depthwise_geometry(params, (kh, kw)))
         return y
     g = params.groups
-    if _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL) and not (
-            _is_direct(params, (kh, kw), (h, w), (ho, wo))
-            and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES):
-        _tile_conv(xn, _np(weight), b1, y.numpy(), params)
-        return y
-    # Too few output channels a group for tiles, or a 1x1 layer with large weights: im2col
-    # (or the 1x1 input as is) and BLAS.
-    b2 = b1.reshape(g, -1)
-    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
-    if per > 1:
-        with parallel_region(-(-n // per) * g):
-            _pointwise_packed(xn.reshape(n, g, cin_g, h * w),
-                              _np(weight).reshape(g, c_out // g, -1), b2,
-                              y.numpy().reshape(n, g, c_out // g, ho * wo),
-                              bias is not None, False, per)
-        return y
-    with parallel_region(n * g):
-        _forward(xn.reshape(n, g, cin_g, h, w), _np(weight).reshape(g, c_out // g, -1), b2,
-                 y.numpy().reshape(n, g, c_out // g, ho * wo), bias is not None,
-                 _is_direct(params, (kh, kw), (h, w), (ho, wo)),
-                 *_geometry(params, (kh, kw), (ho, wo)))
+    direct = _is_direct(params, (kh, kw), (h, w), (ho, wo))
+
+    def winograd():
+        top, _, left, _ = params.padding
+        _winograd(xn, _winograd_filter(wn), b1, yn, top, left, params.dilation)
+
+    def tiles():
+        _tile_conv(xn, wn, b1, yn, params)
+
+    def gemm():  # im2col (or the 1x1 input as is) and BLAS
+        b2 = b1.reshape(g, -1)
+        per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
+        if per > 1:
+            with parallel_region(-(-n // per) * g):
+                _pointwise_packed(xn.reshape(n, g, cin_g, h * w), wn.reshape(g, c_out // g, -1),
+                                  b2, yn.reshape(n, g, c_out // g, ho * wo), bias is not None,
+                                  False, per)
+            return
+        with parallel_region(n * g):
+            _forward(xn.reshape(n, g, cin_g, h, w), wn.reshape(g, c_out // g, -1), b2,
+                     yn.reshape(n, g, c_out // g, ho * wo), bias is not None, direct,
+                     *_geometry(params, (kh, kw), (ho, wo)))
+
+    # The rule's choice first (see _autotune): Winograd where it applies; tiles unless too few
+    # output channels a group fill their vectors, or a 1x1 layer has large weights.
+    candidates = {}
+    if _is_winograd(params, weight.shape, (ho, wo)):
+        candidates["winograd"] = winograd
+    tiles_ok = _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL)
+    if tiles_ok and direct and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES:
+        candidates["gemm"] = gemm
+    if tiles_ok:
+        candidates["tiles"] = tiles
+    if direct or not tiles_ok:
+        candidates.setdefault("gemm", gemm)
+    _autotune.run(_choice_key("conv2d_forward", x, weight, params), candidates,
+                2 * y.numel() * cin_g * kh * kw)
     return y
+
+
+def _choice_key(pass_name: str, a: torch.Tensor, b: torch.Tensor, params: Conv2dParams):
+    """What a pass's algorithm choice is measured for (see _autotune)."""
+    return (pass_name, tuple(a.shape), tuple(b.shape), params, a.dtype, engine_threads())
 
 
 @float32_for_half
@@ -1849,15 +1869,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     gx = _runtime.empty((n, c_in, h, w), grad_out.dtype)
     if gx.numel() == 0:
         return gx
-    if _is_winograd(params, weight.shape, (ho, wo)):
-        # The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of grad_out with
-        # the filters flipped and transposed, at padding 2*dilation - pad.
-        top, _, left, _ = params.padding
-        dh, dw = params.dilation
-        flipped = np.ascontiguousarray(_np(weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        _winograd(_np(grad_out), _winograd_filter(flipped), np.zeros(c_in, flipped.dtype),
-                  gx.numpy(), 2 * dh - top, 2 * dw - left, params.dilation)
-        return gx
+    gyn, wn, gxn = _np(grad_out), _np(weight), gx.numpy()
     if cin_g == 1:
         top, _, left, _ = params.padding
         dh, dw = params.dilation
@@ -1868,36 +1880,58 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
             # the forward kernel computes it, three taps a pass over the plane, where the
             # scatter below makes a read-modify-write pass per tap (256 channels, 28x28,
             # batch 8: 1.2-1.4 -> 0.8-0.9 ms).
-            flipped = np.ascontiguousarray(_np(weight).reshape(c_out, kh, kw)[:, ::-1, ::-1])
-            _depthwise(_np(grad_out), flipped, np.zeros(c_in, flipped.dtype), gx.numpy(), kh,
-                       kw, 1, 1, (kh - 1) * dh - top, (kw - 1) * dw - left, dh, dw)
+            flipped = np.ascontiguousarray(wn.reshape(c_out, kh, kw)[:, ::-1, ::-1])
+            _depthwise(gyn, flipped, np.zeros(c_in, flipped.dtype), gxn, kh, kw, 1, 1,
+                       (kh - 1) * dh - top, (kw - 1) * dw - left, dh, dw)
             return gx
         with parallel_region(n * c_in):
-            _depthwise_backward_input(_np(grad_out), _np(weight).reshape(c_out, kh, kw),
-                                      gx.numpy(), *_depthwise_geometry(params, (kh, kw)))
+            _depthwise_backward_input(gyn, wn.reshape(c_out, kh, kw), gxn,
+                                      *_depthwise_geometry(params, (kh, kw)))
         return gx
-    if _tiles_fill_lanes(cin_g, gx.numpy().dtype, INPUT_GRAD_MIN_FILL) \
-            and not _is_direct(params, (kh, kw), (h, w), (ho, wo)) \
-            and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
-        # Tiles, one stride-1 conv per input phase (see _input_grad_tiles). Not for 1x1
-        # layers read as they are, nor strided 1x1 ones: BLAS on the input as is measured
-        # faster (2048 -> 512 on 7x7: 5.0 ms against 6.0).
-        _input_grad_tiles(_np(grad_out), _np(weight), gx.numpy(), params)
-        return gx
-    per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
-    if per > 1:
-        with parallel_region(-(-n // per) * g):
-            _pointwise_packed(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
-                              _np(weight).reshape(g, c_out // g, -1),
-                              np.zeros((g, cin_g), dtype=gx.numpy().dtype),
-                              gx.numpy().reshape(n, g, cin_g, h * w), False, True, per)
-        return gx
-    with parallel_region(n * g):
-        _backward_input(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
-                        _np(weight).reshape(g, c_out // g, -1),
-                        gx.numpy().reshape(n, g, cin_g, h, w),
-                        _is_direct(params, (kh, kw), (h, w), (ho, wo)),
-                        *_geometry(params, (kh, kw), (ho, wo)))
+    direct = _is_direct(params, (kh, kw), (h, w), (ho, wo))
+
+    def winograd():
+        # The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of grad_out with
+        # the filters flipped and transposed, at padding 2*dilation - pad.
+        top, _, left, _ = params.padding
+        dh, dw = params.dilation
+        flipped = np.ascontiguousarray(wn[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        _winograd(gyn, _winograd_filter(flipped), np.zeros(c_in, flipped.dtype), gxn,
+                  2 * dh - top, 2 * dw - left, params.dilation)
+
+    def tiles():  # one stride-1 conv per input phase (see _input_grad_tiles)
+        _input_grad_tiles(gyn, wn, gxn, params)
+
+    def gemm():
+        per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
+        if per > 1:
+            with parallel_region(-(-n // per) * g):
+                _pointwise_packed(gyn.reshape(n, g, c_out // g, ho * wo),
+                                  wn.reshape(g, c_out // g, -1),
+                                  np.zeros((g, cin_g), dtype=gxn.dtype),
+                                  gxn.reshape(n, g, cin_g, h * w), False, True, per)
+            return
+        with parallel_region(n * g):
+            _backward_input(gyn.reshape(n, g, c_out // g, ho * wo), wn.reshape(g, c_out // g, -1),
+                            gxn.reshape(n, g, cin_g, h, w), direct,
+                            *_geometry(params, (kh, kw), (ho, wo)))
+
+    # The rule's choice first: Winograd where it applies; tiles where the input channels of a
+    # group fill their vectors, except 1x1 layers read as they are, or strided 1x1 ones: for
+    # those BLAS on the input as is measured faster (2048 -> 512 on 7x7: 5.0 ms against 6.0),
+    # and tiles are only the alternative for the read-as-is ones.
+    candidates = {}
+    if _is_winograd(params, weight.shape, (ho, wo)):
+        candidates["winograd"] = winograd
+    tiles_ok = _tiles_fill_lanes(cin_g, gxn.dtype, INPUT_GRAD_MIN_FILL)
+    if tiles_ok and not direct and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
+        candidates["tiles"] = tiles
+    else:
+        candidates["gemm"] = gemm
+    if tiles_ok and direct:
+        candidates["tiles"] = tiles
+    _autotune.run(_choice_key("conv2d_backward_input", grad_out, weight, params), candidates,
+                2 * grad_out.numel() * cin_g * kh * kw)
     return gx
 
 
@@ -1912,9 +1946,20 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     gw = _runtime.empty(tuple(weight_shape), x.dtype)
     if n == 0:
         return gw.zero_()
-    if _is_winograd(params, weight_shape, (ho, wo)):
+    xn, gyn, gwn = _np(x), _np(grad_out), gw.numpy()
+    if cin_g == 1:
+        geometry = _depthwise_geometry(params, (kh, kw))
+        with parallel_region(c_out):
+            if _is_flat(params.stride, w, wo):
+                _depthwise_flat_weight(gyn, xn, gwn.reshape(c_out, kh, kw), kh, kw,
+                                       *geometry[4:])
+            else:
+                _depthwise_backward_weight(gyn, xn, gwn.reshape(c_out, kh, kw), *geometry)
+        return gw
+    gw3 = gwn.reshape(g, c_out // g, -1)
+
+    def winograd():
         top, _, left, _ = params.padding
-        xn, gyn = _np(x), _np(grad_out)
         chunks = min(n, engine_threads())
         part = np.empty((chunks, 16, c_out, c_in), dtype=xn.dtype)
         with parallel_region(chunks):
@@ -1928,45 +1973,47 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
                              _image_tiles(ho, wo, dh, dw)))
             _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows, per)
         with parallel_region(c_out):
-            _winograd_weight_output(part, gw.numpy())
-        return gw
-    if cin_g == 1:
-        geometry = _depthwise_geometry(params, (kh, kw))
-        with parallel_region(c_out):
-            if _is_flat(params.stride, w, wo):
-                _depthwise_flat_weight(_np(grad_out), _np(x), gw.numpy().reshape(c_out, kh, kw),
-                                       kh, kw, *geometry[4:])
-            else:
-                _depthwise_backward_weight(_np(grad_out), _np(x),
-                                           gw.numpy().reshape(c_out, kh, kw), *geometry)
-        return gw
+            _winograd_weight_output(part, gwn)
+
+    def tiles():
+        _weight_grad_tiles(gyn, xn, gwn, params)
+
+    def gemm():
+        if _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n) > 1:
+            # Small 1x1 planes: the images' pixels side by side as one deep GEMM per block of
+            # output channels (see _pointwise_weight_rows).
+            gy4 = gyn.reshape(n, g, c_out // g, ho * wo)
+            x4 = xn.reshape(n, g, cin_g, h * w)
+            blocks = max(1, min(-(-engine_threads() // g), c_out // g // 16))
+            per = max(1, _WEIGHT_GEMM_DEPTH // (ho * wo))
+            for n0 in range(0, n, per):
+                with parallel_region(g * max(blocks, min(per, n - n0))):
+                    _pointwise_weight_rows(gy4, x4, gw3, n0, min(per, n - n0), blocks, n0 == 0)
+            return
+        # Enough chunks to keep every thread busy; fixed for a given thread count.
+        chunks = min(n, -(-engine_threads() // g))
+        part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw3.dtype)
+        with parallel_region(chunks * g):
+            _backward_weight(gyn.reshape(n, g, c_out // g, ho * wo),
+                             xn.reshape(n, g, cin_g, h, w), part,
+                             _is_direct(params, (kh, kw), (h, w), (ho, wo)),
+                             *_geometry(params, (kh, kw), (ho, wo)))
+        if chunks > 1:
+            with parallel_region(g):
+                _sum_chunks(part, gw3)
+
+    # The rule's choice first: Winograd where it applies, else tiles (not for 1x1 layers or
+    # column dilation, nor too few output channels a group), else im2col and BLAS.
+    candidates = {}
+    if _is_winograd(params, weight_shape, (ho, wo)):
+        candidates["winograd"] = winograd
     if (kh, kw) != (1, 1) and params.dilation[1] == 1 \
-            and _tiles_fill_lanes(c_out // g, gw.numpy().dtype, WEIGHT_GRAD_MIN_FILL):
-        _weight_grad_tiles(_np(grad_out), _np(x), gw.numpy(), params)
-        return gw
-    gw3 = gw.numpy().reshape(g, c_out // g, -1)
-    if _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n) > 1:
-        # Small 1x1 planes: the images' pixels side by side as one deep GEMM per block of
-        # output channels (see _pointwise_weight_rows).
-        gy4 = _np(grad_out).reshape(n, g, c_out // g, ho * wo)
-        x4 = _np(x).reshape(n, g, cin_g, h * w)
-        blocks = max(1, min(-(-engine_threads() // g), c_out // g // 16))
-        per = max(1, _WEIGHT_GEMM_DEPTH // (ho * wo))
-        for n0 in range(0, n, per):
-            with parallel_region(g * max(blocks, min(per, n - n0))):
-                _pointwise_weight_rows(gy4, x4, gw3, n0, min(per, n - n0), blocks, n0 == 0)
-        return gw
-    # Enough chunks to keep every thread busy; fixed for a given thread count.
-    chunks = min(n, -(-engine_threads() // g))
-    part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw3.dtype)
-    with parallel_region(chunks * g):
-        _backward_weight(_np(grad_out).reshape(n, g, c_out // g, ho * wo),
-                         _np(x).reshape(n, g, cin_g, h, w), part,
-                         _is_direct(params, (kh, kw), (h, w), (ho, wo)),
-                         *_geometry(params, (kh, kw), (ho, wo)))
-    if chunks > 1:
-        with parallel_region(g):
-            _sum_chunks(part, gw3)
+            and _tiles_fill_lanes(c_out // g, gwn.dtype, WEIGHT_GRAD_MIN_FILL):
+        candidates["tiles"] = tiles
+    else:
+        candidates["gemm"] = gemm
+    _autotune.run(_choice_key("conv2d_backward_weight", grad_out, x, params), candidates,
+                2 * grad_out.numel() * cin_g * kh * kw)
     return gw
 
 
