@@ -265,6 +265,9 @@ DEPTHWISE = [  # (input, weight, options): the direct kernels' paths and edges
     ((1, 4, 8, 10), (4, 1, 3, 3), dict(padding=(0, 1), groups=4)),  # no rows of padding
     ((2, 2, 7, 9), (2, 1, 2, 4), dict(padding="same", groups=2)),   # even: one-sided columns
     ((2, 3, 6, 5), (3, 1, 3, 1), dict(padding=(1, 0), groups=3)),   # one tap column
+    # 5x5 fused (the C_in == 1 case above is one too): dilated, and uneven padding
+    ((2, 3, 13, 12), (3, 1, 5, 5), dict(padding=4, dilation=2, groups=3)),
+    ((1, 2, 9, 11), (4, 1, 5, 5), dict(padding=(1, 2), groups=2)),
 ]
 
 

@@ -126,6 +126,11 @@ CASES = {
                                    np.ones((3, 3), np.float32), np.float32(0.5),
                                    np.float32(0), np.zeros(150, np.float32),
                                    np.ones((3, 150), np.bool_), 15, 3, 3, 1, 1),
+    # ... and the 25 of a 5x5
+    "conv2d._flat_plane_5x5": lambda: (conv2d._flat_plane_5x5, _f32(600), 2,
+                                       np.ones((5, 5), np.float32), np.float32(0.5),
+                                       np.float32(0), np.zeros(300, np.float32),
+                                       np.ones((5, 300), np.bool_), 20, 1, 1),
     "conv2d._flat_tap_dots": lambda: (conv2d._flat_tap_dots, _f32(150), _f32(400), 1,
                                       np.ones((3, 150), np.bool_), np.float32(0),
                                       np.zeros((3, 3)), 15, 3, 3, 1, 1),

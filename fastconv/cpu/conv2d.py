@@ -51,7 +51,7 @@ from .._args import Conv2dParams
 from . import _autotune, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._microkernel import copy_run, tile_fma, transpose_block
-from ._window import add_at, add_into, col_range, copy_at, fill, fill_at, front
+from ._window import U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
 # Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
@@ -1083,6 +1083,45 @@ def _taps_3x3(xb, o, span, w, dh, dw):
             xb[o2:o2 + span], xb[o2 + r1:o2 + r1 + span], xb[o2 + r2:o2 + r2 + span])
 
 
+# 5x5 (LeNet's layers, EfficientNet's depthwise ones) fused as 3x3 is: 25 taps per element in
+# registers, a column's five summed and then masked, one pass over the plane where the tap by
+# tap loop makes 25 read-modify-write passes (LeNet's first layer, 1 -> 6 channels on 28x28,
+# batch 64, 2 threads, Xeon: engine 0.35 -> see README). Offsets unsigned (see _window.U64)
+# and the taps read from the buffer itself: 25 views per plane would each take and drop a
+# reference.
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _flat_plane_5x5(xb, o, wk, bias, zero, out, inside, w, dh, dw):
+    """_flat_plane for a 5x5 kernel: out[q] = bias + the sum over columns j of (the sum over
+    rows i of wk[i, j] * xb[o + q + i*dH*W + j*dW]) where ``inside[j, q]``."""
+    r1, r2, r3, r4 = U64(dh * w), U64(2 * dh * w), U64(3 * dh * w), U64(4 * dh * w)
+    c = U64(dw)
+    w00, w10, w20, w30, w40 = wk[0, 0], wk[1, 0], wk[2, 0], wk[3, 0], wk[4, 0]
+    w01, w11, w21, w31, w41 = wk[0, 1], wk[1, 1], wk[2, 1], wk[3, 1], wk[4, 1]
+    w02, w12, w22, w32, w42 = wk[0, 2], wk[1, 2], wk[2, 2], wk[3, 2], wk[4, 2]
+    w03, w13, w23, w33, w43 = wk[0, 3], wk[1, 3], wk[2, 3], wk[3, 3], wk[4, 3]
+    w04, w14, w24, w34, w44 = wk[0, 4], wk[1, 4], wk[2, 4], wk[3, 4], wk[4, 4]
+    m0, m1, m2, m3, m4 = inside[0], inside[1], inside[2], inside[3], inside[4]
+    base = U64(o)
+    for q in range(U64(out.shape[0])):
+        p0 = base + q
+        p1 = p0 + c
+        p2 = p1 + c
+        p3 = p2 + c
+        p4 = p3 + c
+        s0 = w00 * xb[p0] + w10 * xb[p0 + r1] + w20 * xb[p0 + r2] + w30 * xb[p0 + r3] \
+            + w40 * xb[p0 + r4]
+        s1 = w01 * xb[p1] + w11 * xb[p1 + r1] + w21 * xb[p1 + r2] + w31 * xb[p1 + r3] \
+            + w41 * xb[p1 + r4]
+        s2 = w02 * xb[p2] + w12 * xb[p2 + r1] + w22 * xb[p2 + r2] + w32 * xb[p2 + r3] \
+            + w42 * xb[p2 + r4]
+        s3 = w03 * xb[p3] + w13 * xb[p3 + r1] + w23 * xb[p3 + r2] + w33 * xb[p3 + r3] \
+            + w43 * xb[p3 + r4]
+        s4 = w04 * xb[p4] + w14 * xb[p4 + r1] + w24 * xb[p4 + r2] + w34 * xb[p4 + r3] \
+            + w44 * xb[p4 + r4]
+        out[q] = bias + (s0 if m0[q] else zero) + (s1 if m1[q] else zero) \
+            + (s2 if m2[q] else zero) + (s3 if m3[q] else zero) + (s4 if m4[q] else zero)
+
+
 # FMA contraction only: no reassociation, so the sums' order (and bits) stay fixed.
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def _flat_plane(xb, o, wk, bias, zero, out, inside, w, kh, kw, dh, dw):
@@ -1103,6 +1142,9 @@ def _flat_plane(xb, o, wk, bias, zero, out, inside, w, kh, kw, dh, dw):
             s2 = w02 * c0[q] + w12 * c1[q] + w22 * c2[q]
             out[q] = bias + (s0 if m0[q] else zero) + (s1 if m1[q] else zero) \
                 + (s2 if m2[q] else zero)
+        return
+    if kh == 5 and kw == 5:
+        _flat_plane_5x5(xb, o, wk, bias, zero, out, inside, w, dh, dw)
         return
     for q in range(span):
         out[q] = bias
