@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import fastconv
+import fastconv.cpu
 
 from ._args import DTypeError
 
@@ -306,6 +307,9 @@ def run_case(shape, impl, passname, device, dtype, rounds, warmup) -> dict:
     """Gate (fastconv only), then time one case; a record for the report."""
     case = make_case(shape, impl, passname, device, dtype)
     record = case.info()
+    tuned = impl == "fastconv" and device == "cpu"
+    if tuned:  # so the choices this case makes are its own (see fastconv.cpu._autotune)
+        fastconv.cpu.clear_autotune()
     try:
         if impl == "fastconv":
             check_case(shape, passname, device, dtype)
@@ -319,6 +323,11 @@ def run_case(shape, impl, passname, device, dtype, rounds, warmup) -> dict:
     record.update(status=status, error=error, times_s=times,
                   median_s=statistics.median(times) if times else None,
                   min_s=min(times) if times else None)
+    if tuned:
+        # {engine pass: {"chosen": algorithm, "seconds": {candidate: best seconds}}} for the
+        # passes whose algorithm was measured on their first call.
+        record["algorithms"] = {key[0]: made for key, made in
+                                fastconv.cpu.autotune_choices().items()}
     return record
 
 
@@ -483,6 +492,18 @@ def _rate_cell(r):
     return f"{r['rate']:.1f} {r['unit']}{pct}"
 
 
+_PASS_LABELS = {"conv2d_forward": "fwd", "conv2d_backward_input": "dx",
+                "conv2d_backward_weight": "dw"}
+
+
+def _algorithms(r) -> str:
+    """A second line for a fastconv cell: the chosen algorithm of each measured pass."""
+    made = (r or {}).get("algorithms") or {}
+    order = [p for p in _PASS_LABELS if p in made] + [p for p in made if p not in _PASS_LABELS]
+    names = [f"{_PASS_LABELS.get(p, p)} {made[p]['chosen']}" for p in order]
+    return f"\n[dim]{', '.join(names)}[/]" if names else ""
+
+
 def results_table(report: dict):
     from rich.table import Table
 
@@ -490,7 +511,9 @@ def results_table(report: dict):
     s = report.get("settings", {})
     title = f"fastconv vs PyTorch: {s.get('device', '?')} {s.get('dtype', '')}".strip()
     table = Table(title=title, caption="speed-up = PyTorch median / fastconv median "
-                                       "(above 1: fastconv is faster)")
+                                       "(above 1: fastconv is faster); under fastconv's time, the "
+                                       "algorithm its first call measured and chose per pass "
+                                       "(forward, dx: input gradient, dw: weight gradient)")
     for col in ("shape", "pass", "fastconv", "PyTorch", "speed-up", "fastconv rate (% peak)",
                 "PyTorch rate (% peak)"):
         table.add_column(col, justify="left" if col in ("shape", "pass") else "right")
@@ -504,8 +527,8 @@ def results_table(report: dict):
             table.add_section()
         first = row["shape"] != last
         label = f"{row['shape']}\n[dim]{row['layer']}[/]" if first else ""
-        table.add_row(label, row["pass"], _cell(ours), _cell(theirs), speed, _rate_cell(ours),
-                      _rate_cell(theirs))
+        table.add_row(label, row["pass"], _cell(ours) + _algorithms(ours), _cell(theirs), speed,
+                      _rate_cell(ours), _rate_cell(theirs))
         last = row["shape"]
     means = summary(rows)
     table.add_section()

@@ -74,6 +74,29 @@ def test_gate_passes_fastconv_and_catches_a_wrong_kernel(monkeypatch, passname):
     assert record["status"] == "wrong" and record["median_s"] is None
 
 
+def test_records_the_algorithms_fastconv_chose(monkeypatch):
+    """A CPU fastconv case records, per engine pass whose algorithm its first call measured,
+    the choice and the candidates' times, and the table shows the choices under its time."""
+    from fastconv.cpu import _autotune
+
+    conv_shape = type(benchmark.select_shapes("smoke-conv")[0])  # the suite's ConvShape
+
+    monkeypatch.setattr(_autotune, "MIN_FLOPS", 0)  # measure this small layer
+    shape = conv_shape("winograd-or-tiles", 16, 16, 14, 3, padding=1, batch={"cpu": 2})
+    record = benchmark.run_case(shape, "fastconv", "fwdbwd", "cpu", torch.float32, 1, 0)
+    made = record["algorithms"]
+    assert set(made) == {"conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"}
+    for choice in made.values():
+        assert set(choice["seconds"]) == {"winograd", "tiles"}
+        assert choice["chosen"] in choice["seconds"]
+    theirs = benchmark.run_case(shape, "torch", "fwdbwd", "cpu", torch.float32, 1, 0)
+    assert "algorithms" not in theirs
+    report = dict(settings={}, peaks=None, results=[record, theirs])
+    cell = benchmark._cell(record) + benchmark._algorithms(record)
+    assert f"fwd {made['conv2d_forward']['chosen']}, dx " in cell
+    assert benchmark.results_table(report).row_count > 0
+
+
 def test_gate_catches_a_wrong_gradient(monkeypatch):
     shape = benchmark.select_shapes("smoke-maxpool")[0]
 
