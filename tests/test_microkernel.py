@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import copy_run, lanes, max_tile, tile_fma, transpose_block
+from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, stream_run, tile_fma,
+                                       transpose_block)
 from helpers import AVX512_FEATURES, run_for_target
 
 
@@ -152,6 +153,35 @@ def test_transpose_block_moves_exactly_its_block(dtype):
         assert np.isnan(dst[d0 + n * dstride:]).all()
 
 
+@numba.njit
+def _stream(d, d0, s, s0, n):
+    stream_run(d, d0, s, s0, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stream_run_moves_exactly_its_run(dtype):
+    """stream_run: any start (aligned or not) and length (shorter than a vector, whole
+    vectors, a ragged end): exactly its run copied, nothing around it touched."""
+    rng = np.random.default_rng(1)
+    src = rng.standard_normal(400).astype(dtype)
+    for d0 in (0, 1, 5, lanes(dtype), 17):
+        for s0 in (0, 3):
+            for n in (0, 1, lanes(dtype) - 1, lanes(dtype), 3 * lanes(dtype) + 5, 300):
+                dst = np.full(360, np.nan, dtype)
+                _stream(dst, d0, src, s0, n)
+                assert np.array_equal(dst[d0:d0 + n], src[s0:s0 + n]), (d0, s0, n)
+                assert np.isnan(dst[:d0]).all() and np.isnan(dst[d0 + n:]).all(), (d0, s0, n)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="inspects x86 assembly")
+def test_stream_run_streams():
+    """Its whole vectors are non-temporal stores (vmovntps), not plain ones."""
+    f32, i64 = numba.types.float32[::1], numba.types.int64
+    fresh = numba.njit((f32, i64, f32, i64, i64))(_stream.py_func)
+    assert re.search(r"vmovntps", fresh.inspect_asm(fresh.signatures[0]))
+
+
 def test_256_bit_build_of_the_tiles(tmp_path):
     """Where Numba compiles without AVX-512 (a named portable target here, as on an AVX2
     machine), the tiles are 8 float32 lanes and at most 6 x 2: the same checks, and a
@@ -167,6 +197,7 @@ def test_256_bit_build_of_the_tiles(tmp_path):
                 t.test_every_tile_shape_sums_its_taps(dtype, v)
             for step in (1, 2, 3):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
+            t.test_stream_run_moves_exactly_its_run(dtype)
             t.test_transpose_block_moves_exactly_its_block(dtype)
         from helpers import assert_matches_torch
         import fastconv

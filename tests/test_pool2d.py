@@ -228,8 +228,8 @@ def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
     rows in at most two windows' rows) against the scatter kernel, which the tests above hold
     to PyTorch: the same bits (-0.0 gradients included) for kernel heights 1-4, row strides
     1-3, row padding, ceil_mode, rows of 1 to 130 columns (the pair loop's padding to 8 and
-    64) and work split into 1 to 40 blocks (the padded loop writes junk ahead only into its
-    own block's later rows)."""
+    64; stages of one to 512 rows) and work split into 1 to 40 blocks, the rows leaving the
+    stage by plain or by streaming stores."""
     from fastconv.cpu import pool2d as P
 
     rng = np.random.default_rng(kw * 10 + pw)
@@ -253,11 +253,11 @@ def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
                 P._max_backward(gy, code, ref, True, *P._window_taps(params), sh, 2, ph, pw,
                                 *P._windows_ok((h, w), (ho, wo), params), bad)
                 assert not bad.any()
-                for blocks in (1, 7, 40):
+                for blocks, stream in [(1, False), (7, True), (40, False), (1, True)]:
                     gx = np.full((3, h, w), 9, dtype)
-                    P._max_backward_pairs(gy, code, gx, blocks, kh, kw, sh, ph, pw, 1)
+                    P._max_backward_pairs(gy, code, gx, blocks, kh, kw, sh, ph, pw, 1, stream)
                     assert np.array_equal(gx.view(bits), ref.view(bits)), (kh, sh, ph, h, w,
-                                                                          ceil, blocks)
+                                                                          ceil, blocks, stream)
 
 
 @pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
