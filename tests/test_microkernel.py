@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, stream_run, tile_fma,
-                                       transpose_block)
+from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, stream_fence, stream_run,
+                                       tile_fma, transpose_block)
 from helpers import AVX512_FEATURES, run_for_target
 
 
@@ -156,6 +156,7 @@ def test_transpose_block_moves_exactly_its_block(dtype):
 @numba.njit
 def _stream(d, d0, s, s0, n):
     stream_run(d, d0, s, s0, n)
+    stream_fence()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -176,10 +177,13 @@ def test_stream_run_moves_exactly_its_run(dtype):
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="inspects x86 assembly")
 def test_stream_run_streams():
-    """Its whole vectors are non-temporal stores (vmovntps), not plain ones."""
+    """Its whole vectors are non-temporal stores (vmovntps), not plain ones, and
+    stream_fence is an sfence."""
     f32, i64 = numba.types.float32[::1], numba.types.int64
     fresh = numba.njit((f32, i64, f32, i64, i64))(_stream.py_func)
-    assert re.search(r"\bv?movntp[sd]\b", fresh.inspect_asm(fresh.signatures[0]))
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert re.search(r"\bv?movntp[sd]\b", asm)
+    assert re.search(r"\bsfence\b", asm)
 
 
 def test_256_bit_build_of_the_tiles(tmp_path):

@@ -34,7 +34,7 @@ from numba import njit, prange
 
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
-from ._microkernel import stream_run
+from ._microkernel import stream_fence, stream_run
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._window import (U1, U2, U64, add_at, copy_at, cover_table, covering_rows, fill_at, first_tap,
                       phase_merge, phase_split, tap_table)
@@ -569,6 +569,8 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream)
             ih += 1
             if ih == h:
                 p, ih = p + 1, 0
+        if stream:
+            stream_fence()
 
 
 @njit(cache=True, parallel=True)
