@@ -584,10 +584,17 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
         if oh0 == oh1:
             continue
         wflat, bflat = wpk[g].reshape(-1), bpk[g].reshape(-1)
+        at = (img * c_in + g * cin_g) * h * w  # the group's planes in xflat
+        # Flat: the band is one run of (oh1 - oh0)*Wo pixels (chunk == Ho: not copied).
+        tf = min(t, (oh1 - oh0) * wo)  # pixels per flat tile
+        halo = (kh - 1) * dh * w  # flat kx1 taps reach kh - 1 rows below
+        run = max(1, copy_bytes // (cin_g * x4.itemsize * tf)) * tf  # pixels per flat copy
         if copied:
             plane, row = rows_max * sw * wq, sw * wq
             src = np.empty(cin_g * plane, dtype=x4.dtype)
-            at = (img * c_in + g * cin_g) * h * w  # the group's planes in xflat
+        elif flat:
+            plane, row = run + tf + halo, w  # a run may take up to tf - 1 more pixels
+            src = np.empty(cin_g * plane, dtype=x4.dtype)
         else:
             plane, row = h * w, w
             src = x4[img].reshape(-1)
@@ -610,26 +617,19 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
                 # memory again: Xeon (AVX-512), 2 threads, batch 8, 256->64 on 56x56
                 # 12.9-17.0 ms in place, 4.4-4.5 copied (PyTorch 5.1-5.4); 64->256 7.0 -> 4.8.
                 p0, p1 = c0 * wo, c1 * wo
-                tf = min(t, p1 - p0)
-                halo = (kh - 1) * dh * w  # flat kx1 taps reach kh - 1 rows below
-                run = max(1, copy_bytes // (cin_g * x4.itemsize * tf)) * tf
-                pplane = run + tf + halo  # a run may take up to tf - 1 more pixels
-                buf = np.empty(cin_g * pplane, dtype=x4.dtype)
-                poffs = _tap_offsets(cin_g, kh, kw, sw, dh, dw, pplane, w, wq)
-                at = (img * c_in + g * cin_g) * h * w
                 r0 = p0
                 while r0 < p1:
                     r1 = min(p1, r0 + run)
                     if p1 - r1 < tf:  # a run shorter than a tile joins the one before
                         r1 = p1
                     for c in range(cin_g):
-                        copy_at(buf, c * pplane, xflat, at + c * h * w + r0, r1 - r0 + halo)
+                        copy_at(src, c * plane, xflat, at + c * h * w + r0, r1 - r0 + halo)
                     for cb in range(nb):
                         co0 = cb * lv
                         y0 = (img * c_out + g * cout_g + co0) * ho * wo
                         for q0 in range(r0, r1, tf):
                             q = min(q0, r1 - tf)  # the last tile overlaps the one before
-                            tile_fma(buf, q - r0, poffs, k_taps, wflat, cb * k_taps * lv,
+                            tile_fma(src, q - r0, offs, k_taps, wflat, cb * k_taps * lv,
                                      bflat, co0, yflat, y0 + q, ho * wo, cout_g - co0, tf, v)
                     r0 = r1
                 continue
@@ -1908,11 +1908,11 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if _is_winograd(params, weight.shape, (ho, wo)):
         candidates["winograd"] = winograd
     tiles_ok = _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL)
-    if tiles_ok and direct and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES:
+    if not tiles_ok or (direct and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES):
         candidates["gemm"] = gemm
     if tiles_ok:
         candidates["tiles"] = tiles
-    if direct or not tiles_ok:
+    if direct:  # the GEMM on the input as is: the other choice for 1x1 layers
         candidates.setdefault("gemm", gemm)
     _autotune.run(_choice_key("conv2d_forward", x, weight, params), candidates,
                 2 * y.numel() * cin_g * kh * kw)
