@@ -126,9 +126,15 @@ def _max_forward_setup(ctx, inputs, output):
     ctx.input_size = input.shape[-2:]
     ctx.indices = indices
     ctx.save_for_backward(output[1] if ctx.needs_input_grad[0] else None)
+    # The indices have no gradient: without this, autograd would fill a zero one as large as
+    # them for every backward (0.5 ms on 32x64x56x56).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _max_forward_backward(ctx, grad, _grad_indices):
+    if grad is None:  # not materialised (see _max_forward_setup): no gradient reached
+        return None, None, None, None, None, None, None
     if ctx.indices == "none":
         raise RuntimeError("fastconv::max_pool2d: called with indices='none', but its "
                            "gradient needs the indices ('window' or 'flat')")
