@@ -260,6 +260,48 @@ def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
                                                                           ceil, blocks, stream)
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (2, 3), (3, 2), (1, 5), (4, 4), (5, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stride_1_max_pool_gradient_is_the_scatter_bitwise(kernel, dtype):
+    """_max_backward_s1 (window codes at stride 1) against the scatter kernel, which the tests
+    above hold to PyTorch: the same bits (-0.0 gradients included) for every padding up to
+    half the kernel, dilations 1-3, planes of 1 to 67 columns and 1 to 9 rows (3x3/p1's
+    whole-plane loop and the elements it leaves to others among them), work split into 1 to
+    40 blocks (row runs cut anywhere)."""
+    from fastconv.cpu import pool2d as P
+
+    kh, kw = kernel
+    rng = np.random.default_rng(kh * 10 + kw)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    for ph in range(kh // 2 + 1):
+        for pw in range(kw // 2 + 1):
+            for dh, dw in [(1, 1), (2, 1), (1, 3)]:
+                for h, w in [(1, 1), (2, 2), (3, 2), (3, 1), (9, 5), (4, 67), (7, 33)]:
+                    try:
+                        params = pool2d_params((kh, kw), 1, (ph, pw), (dh, dw), False,
+                                               op="max_pool2d")
+                        ho, wo = params.output_hw((h, w))
+                    except ArgumentError:
+                        continue
+                    if ho < 1 or wo < 1:
+                        continue
+                    x = rng.integers(-2, 3, (3, h, w)).astype(dtype)
+                    y, code = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
+                    P._max_forward(x, y, code, P.WINDOW_INDICES, dtype(-np.inf), 1, kh, kw,
+                                   1, 1, ph, pw, dh, dw)
+                    gy = rng.standard_normal((3, ho, wo)).astype(dtype)
+                    gy[rng.random(gy.shape) < 0.2] = -0.0
+                    ref, bad = np.empty((3, h, w), dtype), np.zeros(3, np.uint8)
+                    P._max_backward(gy, code, ref, True, *P._window_taps(params), 1, 1, ph, pw,
+                                    *P._windows_ok((h, w), (ho, wo), params), bad)
+                    assert not bad.any()
+                    for blocks in (1, 2, 7, 40):
+                        gx = np.full((3, h, w), 9, dtype)
+                        P._max_backward_s1(gy, code, gx, blocks, kh, kw, ph, pw, dh, dw)
+                        assert np.array_equal(gx.view(bits), ref.view(bits)), (
+                            ph, pw, dh, dw, h, w, blocks)
+
+
 @pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
                                   dict(kernel_size=(2, 3), stride=2, padding=(1, 0),
                                        ceil_mode=True),
@@ -329,6 +371,15 @@ def test_pooling_operators_refuse_indices_not_made_by_max_pool2d():
             ops.max_pool2d_backward(grad, idx, [9, 9], *pool)
         with pytest.raises(ValueError, match=words):
             ops.max_pool2d_double_backward(ggx, idx, *pool)
+    # Stride 1 (its own gradient kernel): one code naming a tap in the padding, where the
+    # 3x3/p1 kernel's whole-plane loop would reach the row above's last element.
+    pool1 = [[3, 3], [1, 1], [1, 1], [1, 1], False]
+    code = ops.max_pool2d(ggx, *pool1, "window")[1].clone()
+    ones = torch.ones(1, 2, 9, 9)
+    ops.max_pool2d_backward(ones, code, [9, 9], *pool1)  # the forward's codes: accepted
+    code[0, 1, 4, 0] = 3  # tap (1, 0) of window (4, 0): column -1, in the padding
+    with pytest.raises(ValueError, match="taps outside the input"):
+        ops.max_pool2d_backward(ones, code, [9, 9], *pool1)
     with pytest.raises(TypeError,
                        match="indices must be int64 .* or torch.uint8 .* got torch.int32"):
         ops.max_pool2d_backward(grad, torch.zeros(1, 2, 5, 5, dtype=torch.int32), [9, 9], *pool)
