@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, stream_fence, stream_run,
-                                       tile_fma, transpose_block)
+from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefetch_run, stream_fence,
+                                       stream_run, tile_fma, transpose_block)
 from helpers import AVX512_FEATURES, run_for_target
 
 
@@ -184,6 +184,25 @@ def test_stream_run_streams():
     asm = fresh.inspect_asm(fresh.signatures[0])
     assert re.search(r"\bv?movntp[sd]\b", asm)
     assert re.search(r"\bsfence\b", asm)
+
+
+@numba.njit
+def _prefetched_sum(x, s0, n):
+    prefetch_run(x, s0, n)
+    return x[s0:s0 + n].sum()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="inspects x86 assembly")
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_prefetch_run_prefetches_and_changes_nothing(dtype):
+    """prefetch_run: a prefetch per 64-byte line (prefetcht0 on x86), of any numeric array,
+    and the data are as they were."""
+    x = np.arange(300).astype(dtype)
+    for s0, n in ((0, 0), (5, 1), (7, 200)):
+        assert _prefetched_sum(x, s0, n) == x[s0:s0 + n].sum()
+    asm = _prefetched_sum.inspect_asm(_prefetched_sum.signatures[-1])
+    assert re.search(r"\bprefetcht0\b", asm)
 
 
 def test_256_bit_build_of_the_tiles(tmp_path):

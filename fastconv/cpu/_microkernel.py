@@ -392,6 +392,38 @@ def stream_fence(typingctx):
     return sig, codegen
 
 
+# ------------------------------------------------------------------------ prefetch
+@intrinsic
+def prefetch_run(typingctx, src, s0, n):
+    """Ask for src[s0 : s0 + n] in the cache: ``llvm.prefetch`` (a read, kept in all levels)
+    of each 64-byte line, a hint that never faults. For kernels that work through a large
+    input a short row at a time, computing between rows: the hardware prefetchers did not
+    keep ahead of max pooling's rows (see pool2d's _AHEAD_BYTES). ``src`` a 1-D contiguous
+    array of numbers."""
+    if not (isinstance(src, types.Array) and src.ndim == 1 and src.layout == "C"
+            and isinstance(src.dtype, types.Number) and isinstance(s0, types.Integer)
+            and isinstance(n, types.Integer)):
+        return None
+    sig = types.void(src, s0, n)
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        bptr = ir.IntType(8).as_pointer()
+        start = builder.bitcast(_element_ptr(context, builder, signature, args, 0, 1), bptr)
+        nbytes = builder.mul(context.cast(builder, args[2], signature.args[2], types.int64),
+                             ir.Constant(i64, size))
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", [bptr], ir.FunctionType(ir.VoidType(), [bptr, i32, i32, i32]))
+        lines = builder.udiv(builder.add(nbytes, ir.Constant(i64, 63)), ir.Constant(i64, 64))
+        with cgutils.for_range(builder, lines) as loop:
+            at = builder.gep(start, [builder.mul(loop.index, ir.Constant(i64, 64))])
+            builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ------------------------------------------------------------------------ block transpose
 @intrinsic
 def transpose_block(typingctx, dst, d0, dstride, src, s0, sstride):
