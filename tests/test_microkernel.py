@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefetch_run, stream_fence,
-                                       stream_run, tile_fma, transpose_block)
+from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
+                                       prefetch_run, stream_fence, stream_run, tile_fma,
+                                       transpose_block)
 from helpers import AVX512_FEATURES, run_for_target
 
 
@@ -192,6 +193,14 @@ def _prefetched_sum(x, s0, n):
     return x[s0:s0 + n].sum()
 
 
+@numba.njit(parallel=True)
+def _wide_body(x, y):
+    for b in numba.prange(4):
+        prefer_wide_vectors()
+        for t in range(b * 64, (b + 1) * 64):
+            y[t] = max(x[t], x[t + 1])
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="inspects x86 assembly")
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
@@ -203,6 +212,26 @@ def test_prefetch_run_prefetches_and_changes_nothing(dtype):
         assert _prefetched_sum(x, s0, n) == x[s0:s0 + n].sum()
     asm = _prefetched_sum.inspect_asm(_prefetched_sum.signatures[-1])
     assert re.search(r"\bprefetcht0\b", asm)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="inspects x86 assembly")
+def test_prefer_wide_vectors_marks_the_prange_body():
+    """The prange body calling prefer_wide_vectors carries the function attribute (where the
+    target has AVX-512; nothing elsewhere), and its loop uses 512-bit registers there."""
+    x, y = np.random.default_rng(0).standard_normal(260).astype(np.float32), \
+        np.zeros(256, np.float32)
+    _wide_body(x, y)
+    assert np.array_equal(y, np.maximum(x[:-4][:256], x[1:257]))
+    sig = _wide_body.signatures[0]
+    # The prange body is compiled into a library the function links.
+    library = _wide_body.overloads[sig].library
+    llvm = "".join(lib.get_llvm_str() for lib in library._linking_libraries)
+    asm = _wide_body.inspect_asm(sig)
+    wide = _microkernel._wide_vectors()
+    assert ('"prefer-vector-width"="512"' in llvm) == wide
+    if wide:
+        assert re.search(r"^\s*v\w+ps\s.*zmm", asm, re.MULTILINE)
 
 
 def test_256_bit_build_of_the_tiles(tmp_path):

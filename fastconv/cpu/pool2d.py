@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from .._args import ArgumentError, Pool2dParams
 from . import _runtime
-from ._microkernel import prefetch_run, stream_fence, stream_run
+from ._microkernel import prefer_wide_vectors, prefetch_run, stream_fence, stream_run
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._window import (U1, U2, U64, add_at, copy_at, cover_table, covering_rows, fill_at, first_tap,
                       phase_merge, phase_split, tap_table)
@@ -189,6 +189,7 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
     taps = tap_table(kw, sw, pw, dw, w, wo)
     plen = (w + sw - 1) // sw
     for b in prange(blocks):
+        prefer_wide_vectors()
         phases = np.empty(sw * plen, dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
             p = item // ho
@@ -225,12 +226,15 @@ def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh,
 # pooling) is separable: the max over a window is the max over its rows of each row's max, and
 # scanning rows in order and each row's taps in order keeps the tap-by-tap kernel's ties, NaN
 # and codes. Each input row's window maxima are computed once and reused by every output row
-# whose window holds that row (3x3/s2: 2 new rows per output row instead of 3), and the taps
-# read contiguous phase rows instead of the pair loops' interleaved gathers. 32x64x112x112,
-# 3x3/s2/p1, window codes: 13.0 ms tap by tap, 7.3-7.7 separable; no indices: 9.6 -> 6.2.
-# At column stride 1 (3x3/s1/p1, Inception's pooling branches) the row is copied to scratch
-# instead of split, and each row's maxima serve three output rows: 32x64x56x56 without
-# indices 39.9 -> 8.4 ms on Zen 3 (fastconv bench, maxpool-3x3s1-64x56).
+# whose window holds that row (3x3/s2: 2 new rows per output row instead of 3). 32x64x112x112,
+# 3x3/s2/p1, window codes: 13.0 ms tap by tap, 7.3-7.7 separable; no indices: 9.6 -> 6.2 (Zen
+# 3, the taps then read from the row split into phase rows in scratch). At column stride 1
+# (3x3/s1/p1, Inception's pooling branches) each row's maxima serve three output rows:
+# 32x64x56x56 without indices 39.9 -> 8.4 ms on Zen 3 (fastconv bench, maxpool-3x3s1-64x56).
+# The taps now read the row itself, stride-2 loads that LLVM deinterleaves in registers, in
+# 512-bit vectors where there are (prefer_wide_vectors): on the Xeon, with the prefetching
+# below, fastconv bench's 3x3/s2/p1 forward 9.6-11.0 -> 8.9-9.1 ms, forward+backward
+# 19.7-19.8 -> 18.2-19.2.
 # Loops over a row's windows run past its end where the junk written there is harmless
 # (``_padded``): LLVM's main vector loop (16 lanes x 4 with AVX-512) takes 64 iterations at a
 # time, and the 3x3/s2 case's 55-window rows left to the loop's epilogue ran ~1.3x slower end
@@ -274,13 +278,13 @@ def _max_of_runs(src, a0, a1, a2, three, dst, d, n):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, sw, pw, c0, c1, coded):
+def _row_maxima(x, r0, w, hv, hc, h0, wo, kw, sw, pw, c0, c1, coded):
     """hv[h0 + k] = max over window k's taps in the input row x[r0 : r0 + w] (kw in (2, 3),
     stride sw in (1, 2), pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order.
     The interior loop runs ``_padded`` iterations into padded scratch (junk past the row's
     end), so the edge windows are computed after it."""
     if c1 > c0:
-        _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, sw, pw, c0, c1, coded)
+        _interior_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded)
     # The edge windows, after the interior loop's junk: taps outside the row skipped.
     for part in range(2):
         for k in range(0, c0) if part == 0 else range(c1, wo):
@@ -296,38 +300,54 @@ def _row_maxima(x, r0, w, phases, plen, hv, hc, h0, wo, kw, sw, pw, c0, c1, code
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _interior_maxima(x, r0, w, phases, plen, hv, hc, h0, kw, sw, pw, c0, c1, coded):
-    # The row in scratch (as phase rows at stride 2), whose padding takes the padded loop's
-    # reads past the row's end. Tap j of window t reads column t*sw - pw + j: phase
-    # (j - pw) % sw, element t + (j - pw) // sw.
-    if sw == 2:
-        phase_split(x, r0, w, phases, plen, 2)
-    else:
-        copy_at(phases, 0, x, r0, w)
-    a0 = U64(((-pw) % sw) * plen + c0 + (-pw) // sw)
-    a1 = U64(((1 - pw) % sw) * plen + c0 + (1 - pw) // sw)
-    a2 = U64(((2 - pw) % sw) * plen + c0 + (2 - pw) // sw)
+def _interior_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded):
+    # Tap j of window t reads column t*sw - pw + j, straight from x (512-bit vectors
+    # deinterleave a stride-2 row in registers). The padded loop's reads past the row's end
+    # stay in x (the next rows), but on the last rows.
+    a = U64(r0 + c0 * sw - pw)
     d = U64(h0 + c0)
-    n = U64(_padded(c1 - c0))
+    n = _padded(c1 - c0)
+    if r0 + (c0 + n) * sw + kw > x.size:
+        n = c1 - c0
+    if sw == 2:
+        _window_maxima(x, a, U2, hv, hc, d, U64(n), kw, coded)
+    else:
+        _window_maxima(x, a, U1, hv, hc, d, U64(n), kw, coded)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _window_maxima(x, a, step, hv, hc, d, n, kw, coded):
+    """hv[d + t] = the max of x[a + step*t + j], j < kw (2 or 3), in order, and hc[d + t] its
+    j if ``coded``, for t < n (uint64 offsets; ``step`` a constant, so the loads vectorise)."""
     if coded and kw == 3:
         for t in range(n):
-            best = phases[a0 + t]
+            best = x[a + step * t]
             code = 0
-            v = phases[a1 + t]
+            v = x[a + step * t + U1]
             if _wins(v, best):
                 best, code = v, 1
-            v = phases[a2 + t]
+            v = x[a + step * t + U2]
             if _wins(v, best):
                 best, code = v, 2
             hv[d + t], hc[d + t] = best, code
     elif coded:
         for t in range(n):
-            best = phases[a0 + t]
-            v = phases[a1 + t]
+            best = x[a + step * t]
+            v = x[a + step * t + U1]
             take = _wins(v, best)
             hv[d + t], hc[d + t] = (v if take else best), (1 if take else 0)
+    elif kw == 3:
+        for t in range(n):
+            best = x[a + step * t]
+            v = x[a + step * t + U1]
+            best = v if _wins(v, best) else best
+            v = x[a + step * t + U2]
+            hv[d + t] = v if _wins(v, best) else best
     else:
-        _max_of_runs(phases, a0, a1, a2, kw == 3, hv, d, n)
+        for t in range(n):
+            best = x[a + step * t]
+            v = x[a + step * t + U1]
+            hv[d + t] = v if _wins(v, best) else best
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -369,12 +389,11 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
     code = code3.reshape(-1)
     items = planes * ho
     c0, c1 = _inside_windows(kw, sw, pw, w, wo)
-    plen = (w + sw - 1) // sw
     span = wo + _PAD  # one ring slot: a row's window maxima and the padded loop's junk
     ring = kh * dh  # a window's rows hs + i*dh (i < kh) fall in distinct slots ih % ring
     ahead = max(1, _AHEAD_BYTES // (w * x.itemsize))  # rows
     for b in prange(blocks):
-        phases = np.empty(sw * plen + 2 * _PAD, dtype=x3.dtype)
+        prefer_wide_vectors()
         hv = np.empty(ring * span, dtype=x3.dtype)
         hc = np.empty(ring * span, dtype=np.int32)  # a tap number beside each (32-bit) value
         slot = np.empty(kh, dtype=np.int64)  # where window row i's maxima start in hv
@@ -393,8 +412,8 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
                 if tag[s] != p * h + ih:
                     if (p * h + ih + ahead + 1) * w <= x.size:
                         prefetch_run(x, (p * h + ih + ahead) * w, w)
-                    _row_maxima(x, (p * h + ih) * w, w, phases, plen, hv, hc, s * span, wo,
-                                kw, sw, pw, c0, c1, coded)
+                    _row_maxima(x, (p * h + ih) * w, w, hv, hc, s * span, wo, kw, sw, pw, c0,
+                                c1, coded)
                     tag[s] = p * h + ih
                 slot[i] = s * span
                 inside += 1
@@ -450,6 +469,7 @@ def _max_backward(gy3, idx3, gx3, window, tap_rows, tap_cols, sh, sw, ph, pw, ro
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
     for p in prange(planes):
+        prefer_wide_vectors()
         gx = gx3[p].reshape(h * w)
         gx[:] = 0
         for oh in range(ho):
@@ -537,6 +557,7 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream)
     rows = max(1, _STAGE // w)  # rows a stage holds
     ahead = max(1, _AHEAD_BYTES // (wo * gy.itemsize)) * wo  # elements of gy and code
     for b in prange(blocks):
+        prefer_wide_vectors()
         # The padded loop's junk (see _padded) may run 2 * _PAD past a row's end: into the
         # stage's next row, which overwrites it, or its spare end.
         stage = np.empty(rows * w + 2 * _PAD, dtype=gx.dtype)
@@ -675,6 +696,7 @@ def _max_backward_s1(gy3, code3, gx3, blocks, kh, kw, ph, pw, dh, dw):
     items = planes * h
     flat = kh == kw == 3 and ph == pw == dh == dw == 1 and h > 2 and w > 1
     for b in prange(blocks):
+        prefer_wide_vectors()
         first, last = b * items // blocks, (b + 1) * items // blocks
         item = first
         while item < last:
@@ -735,6 +757,7 @@ def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, tap_rows, tap
     c0 = min(wo, (pw + sw - 1) // sw)  # windows [c0, c1) have every tap inside the row
     c1 = max(c0, min(wo, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
     for p in prange(planes):
+        prefer_wide_vectors()
         plane = code3[p].reshape(-1)
         # The plane's smallest and largest code, in the codes' own type (a max of bytes is
         # 64 lanes wide; a count of bad ones widened each compare to 64 bits: 3x slower).
@@ -764,6 +787,7 @@ def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, p
     planes, h, w = ggx3.shape
     ho, wo = ggy3.shape[1], ggy3.shape[2]
     for p in prange(planes):
+        prefer_wide_vectors()
         ggx = ggx3[p].reshape(h * w)
         for oh in range(ho):
             out = ggy3[p, oh]
@@ -805,6 +829,7 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
     pair, c0, c1 = _pair_taps(kw, sw, pw, 1, w, wo)
     plen = (w + sw - 1) // sw
     for b in prange(blocks):
+        prefer_wide_vectors()
         phases = np.empty(sw * plen, dtype=x3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
             p = item // ho
@@ -848,6 +873,7 @@ def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_fac
     pair = pair and kw == 2
     plen = (w + sw - 1) // sw
     for b in prange(blocks):
+        prefer_wide_vectors()
         phases = np.empty(sw * plen, dtype=gx3.dtype)
         g = np.empty(wo, dtype=gx3.dtype)
         for item in range(b * items // blocks, (b + 1) * items // blocks):
@@ -932,6 +958,7 @@ def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
     _, c0, c1 = _pair_taps(2, 2, pw, 1, w, wo)
     edges = c0 > 0 or c1 < wo
     for b in prange(blocks):
+        prefer_wide_vectors()
         first = b * items // blocks
         p, oh = first // ho, first % ho - 1  # then counted, not divided, per row
         for item in range(first, (b + 1) * items // blocks):
@@ -968,6 +995,7 @@ def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors):
     lo, hi = max(0, 2 * c0 - pw), max(0, 2 * c1 - pw)  # the interior windows' columns
     zero = gx.dtype.type(0)
     for b in prange(blocks):
+        prefer_wide_vectors()
         first = b * items // blocks
         p, ih = first // h, first % h - 1  # then counted, not divided, per row
         for item in range(first, (b + 1) * items // blocks):
