@@ -259,21 +259,21 @@ def _padded(n):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _max_of_runs(src, a0, a1, a2, three, dst, d, n):
-    """dst[d + t] = the max of src[a0 + t], src[a1 + t] and (if ``three``) src[a2 + t], in
-    that order, for t < n (uint64 offsets). A loop per case: a load under a condition is not
-    vectorised."""
+def _max_of_runs(src, a0, a1, a2, step, three, dst, d, n):
+    """dst[d + t] = the max of src[a0 + step*t], src[a1 + step*t] and (if ``three``)
+    src[a2 + step*t], in that order, for t < n (uint64 offsets; ``step`` a constant, so the
+    loads vectorise). A loop per case: a load under a condition is not vectorised."""
     if three:
         for t in range(n):
-            best = src[a0 + t]
-            v = src[a1 + t]
+            best = src[a0 + step * t]
+            v = src[a1 + step * t]
             best = v if _wins(v, best) else best
-            v = src[a2 + t]
+            v = src[a2 + step * t]
             dst[d + t] = v if _wins(v, best) else best
     else:
         for t in range(n):
-            best = src[a0 + t]
-            v = src[a1 + t]
+            best = src[a0 + step * t]
+            v = src[a1 + step * t]
             dst[d + t] = v if _wins(v, best) else best
 
 
@@ -336,18 +336,8 @@ def _window_maxima(x, a, step, hv, hc, d, n, kw, coded):
             v = x[a + step * t + U1]
             take = _wins(v, best)
             hv[d + t], hc[d + t] = (v if take else best), (1 if take else 0)
-    elif kw == 3:
-        for t in range(n):
-            best = x[a + step * t]
-            v = x[a + step * t + U1]
-            best = v if _wins(v, best) else best
-            v = x[a + step * t + U2]
-            hv[d + t] = v if _wins(v, best) else best
     else:
-        for t in range(n):
-            best = x[a + step * t]
-            v = x[a + step * t + U1]
-            hv[d + t] = v if _wins(v, best) else best
+        _max_of_runs(x, a, a + U1, a + U2, step, kw == 3, hv, d, n)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -371,7 +361,7 @@ def _column_maxima(hv, hc, a, b, a2, y, code, o, n, kh, kw, coded):
             take = _wins(v, best)
             y[o + t], code[o + t] = (v if take else best), (cv if take else c)
     else:
-        _max_of_runs(hv, a, b, a2, kh == 3, y, o, U64(n))
+        _max_of_runs(hv, a, b, a2, U1, kh == 3, y, o, U64(n))
 
 
 @njit(cache=True, parallel=True)
