@@ -230,7 +230,7 @@ def info(args) -> int:
     table.add_row("numba", f"{numba.__version__}, threading layer "
                   f"{_runtime.threading_layer()}, {numba.config.NUMBA_NUM_THREADS} threads at most")
     for lib in _runtime.blas_info():
-        table.add_row("BLAS (Numba np.dot)", f"{lib['internal_api']} {lib.get('version')}, "
+        table.add_row("BLAS (the engine's GEMMs)", f"{lib['internal_api']} {lib.get('version')}, "
                       f"{lib['num_threads']} threads, {lib['filepath']}")
     table.add_row("CPU engine", f"usable, {_runtime.engine_threads()} threads "
                   f"(follows torch.set_num_threads)")

@@ -131,10 +131,11 @@ def _force(monkeypatch, algorithm: str, offered: dict):
 
 # (input, weight, options, {pass: candidates offered, the rule's first}) on the CPU.
 OFFERS = [
-    # A Winograd layer whose channels fill the tiles' vectors (16 of float32's 16 lanes).
+    # A Winograd layer whose channels fill the tiles' vectors (16 of float32's 16 lanes); the
+    # weight gradient always offers im2col and BLAS too.
     (((2, 16, 14, 14), (16, 16, 3, 3), dict(padding=1)),
      {"conv2d_forward": ["winograd", "tiles"], "conv2d_backward_input": ["winograd", "tiles"],
-      "conv2d_backward_weight": ["winograd", "tiles"]}),
+      "conv2d_backward_weight": ["winograd", "tiles", "gemm"]}),
     # Dilated: the weight gradient's alternative is im2col and BLAS (no tiles for dW > 1).
     (((2, 16, 26, 25), (16, 16, 3, 3), dict(padding=2, dilation=2)),
      {"conv2d_forward": ["winograd", "tiles"], "conv2d_backward_input": ["winograd", "tiles"],
@@ -166,8 +167,8 @@ def test_every_offered_algorithm_matches_torch(case, algorithm, dtype, monkeypat
 
 
 def test_a_measured_layer_runs_its_choice(monkeypatch):
-    """On a real layer: the first call measures Winograd against tiles for each pass and keeps
-    one; later calls run it without measuring, bitwise the same as the first call's result
+    """On a real layer: the first call measures Winograd against tiles for each pass (and
+    im2col + BLAS for the weight gradient) and keeps one; later calls run it without measuring, bitwise the same as the first call's result
     (which is the chosen candidate's, whatever ran last while measuring)."""
     monkeypatch.setattr(_autotune, "MIN_FLOPS", 0)
     measured = []
@@ -182,7 +183,9 @@ def test_a_measured_layer_runs_its_choice(monkeypatch):
     made = fastconv.cpu.autotune_choices()
     assert {k[0] for k in made} == {"conv2d_forward", "conv2d_backward_input",
                                     "conv2d_backward_weight"}
-    assert all(set(v["seconds"]) == {"winograd", "tiles"} for v in made.values())
+    assert {k[0]: set(v["seconds"]) for k, v in made.items()} == {
+        "conv2d_forward": {"winograd", "tiles"}, "conv2d_backward_input": {"winograd", "tiles"},
+        "conv2d_backward_weight": {"winograd", "tiles", "gemm"}}
     y1 = fastconv.conv2d(x, w, padding=1)
     again = torch.autograd.grad(fastconv.conv2d(x, w, padding=1), (x, w), gy)
     assert len(measured) == 3

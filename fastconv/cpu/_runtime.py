@@ -6,9 +6,10 @@ Three hazards, each handled here once for every CPU kernel:
   the OpenMP threading layer Numba may share torch's ``libgomp.so.1``, and
   ``numba.set_num_threads`` then calls ``omp_set_num_threads``, which silently changes
   torch's own count; so the count is set to torch's and torch's is restored if it moved.
-* Oversubscription. Kernels call BLAS (``np.dot`` in Numba goes to SciPy's OpenBLAS) from
-  inside ``prange`` loops; BLAS must then run single-threaded. When there are fewer work
-  items than threads, the items run one at a time and BLAS gets the threads instead.
+* Oversubscription. Kernels call BLAS (``_blas.gemm``: MKL from libtorch_cpu, else SciPy's
+  OpenBLAS) from inside ``prange`` loops; BLAS must then run single-threaded. When there are
+  fewer work items than threads, the items run one at a time and BLAS gets the threads
+  instead.
 * Concurrency. Numba's ``workqueue`` layer aborts the process when two Python threads enter
   parallel code at once. fastconv asks for ``tbb`` or ``omp`` first (unless the user chose a
   layer) and serialises its calls with a lock if ``workqueue`` is what Numba ended up with.
@@ -26,13 +27,15 @@ import numba
 import numpy as np
 import torch
 
+from . import _blas
+
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     # Only reorders the default search; an explicit user choice wins.
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
 
 _launch_lock = threading.Lock()
 _layer: str | None = None
-_blas = None  # threadpoolctl controller for the BLAS that Numba's np.dot calls
+_scipy_blas = None  # threadpoolctl controllers for SciPy's BLAS, where gemm calls it
 
 
 def threading_layer() -> str | None:
@@ -47,21 +50,28 @@ def threading_layer() -> str | None:
 
 
 def _numba_blas():
-    """threadpoolctl handle on SciPy's BLAS (the one Numba's ``np.dot`` links to)."""
-    global _blas
-    if _blas is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba calls)
+    """threadpoolctl handles on SciPy's BLAS where ``_blas.gemm`` calls it (no MKL in this
+    torch), else none: MKL's count is set per call, inside the kernels (see _blas)."""
+    global _scipy_blas
+    if _scipy_blas is None:
+        if _blas.NAME != "scipy":
+            _scipy_blas = []
+            return _scipy_blas
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library gemm calls)
         from threadpoolctl import ThreadpoolController
 
-        libs = [lib for lib in ThreadpoolController().select(user_api="blas").lib_controllers
-                if "scipy" in os.path.basename(os.path.dirname(lib.filepath))]
-        _blas = libs
-    return _blas
+        _scipy_blas = [
+            lib for lib in ThreadpoolController().select(user_api="blas").lib_controllers
+            if "scipy" in os.path.basename(os.path.dirname(lib.filepath))]
+    return _scipy_blas
 
 
 def blas_info() -> list[dict]:
-    """Library, version and thread count of the BLAS the CPU engine calls."""
-    return [lib.info() for lib in _numba_blas()]
+    """Library, version, file and thread count (outside parallel kernels) of the BLAS the CPU
+    engine's GEMMs call."""
+    if _blas.NAME == "scipy":
+        return [lib.info() for lib in _numba_blas()]
+    return [{**_blas.info(), "num_threads": engine_threads()}]
 
 
 def engine_threads() -> int:
@@ -95,6 +105,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
         self.saved_numba = numba.get_num_threads()
         if self.saved_numba != numba_threads:
             numba.set_num_threads(numba_threads)
+        _blas.set_threads(threads)
         self.saved_blas = []
         for lib in _numba_blas():
             current = lib.num_threads

@@ -36,7 +36,8 @@ Parallelism and determinism:
 * grad_bias: one channel per iteration, accumulated in float64.
 
 Array views passed in: x5 (N, G, C_in/G, H, W), w3 (G, C_out/G, K), y4 (N, G, C_out/G, Ho*Wo).
-Indexing only with integers keeps Numba's C-contiguous layout, which ``np.dot`` requires.
+Indexing only with integers keeps Numba's C-contiguous layout, which ``gemm`` (``_blas``)
+requires.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch
 from numba import njit, prange
 
 from .._args import Conv2dParams
-from . import _autotune, _microkernel, _runtime
+from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._microkernel import copy_run, tile_fma, transpose_block
 from ._window import U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
@@ -220,7 +221,7 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
         gy, dcol = front(gy_buf, cout, span), front(dcol_buf, k, span)
         for co in range(cout):
             _rows_to_wide(gy2[co], gy[co], oh0, oh1, wo, wq)
-        np.dot(w2.T, gy, dcol)
+        _blas.gemm(w2.T, gy, dcol)
         for c in range(cin):
             for i in range(kh):
                 for j in range(kw):
@@ -247,7 +248,7 @@ def _backward_weight_wide(gy2, x3, acc_t, tmp_t, kh, kw, sh, sw, pt, pl, dh, dw,
         _im2col_wide(xp, col, kh, kw, sh, sw, dh, dw, oh0 * wq, span)
         for co in range(cout):
             _rows_to_wide(gy2[co], gy[co], oh0, oh1, wo, wq)
-        np.dot(col, gy.T, tmp_t)
+        _blas.gemm(col, gy.T, tmp_t)
         add_into(acc_t.ravel(), tmp_t.ravel())
 
 
@@ -266,7 +267,7 @@ def _forward_wide(x3, w2, b1, has_bias, out, kh, kw, sh, sw, pt, pl, dh, dw, ho,
         span = (oh1 - oh0 - 1) * wq + wo
         col, y = front(col_buf, k, span), front(y_buf, cout, span)
         _im2col_wide(xp, col, kh, kw, sh, sw, dh, dw, oh0 * wq, span)
-        np.dot(w2, col, y)
+        _blas.gemm(w2, col, y)
         for co in range(cout):
             _rows_from_wide(y[co], out[co], oh0, oh1, wo, wq, b1[co], has_bias)
 
@@ -280,7 +281,7 @@ def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, h
         g = item % groups
         out = y4[n, g]
         if direct:
-            np.dot(w3[g], x5[n, g].reshape(cin_g, h * w), out)
+            _blas.gemm(w3[g], x5[n, g].reshape(cin_g, h * w), out)
             if has_bias:
                 for oc in range(cout_g):
                     row, b = out[oc], b2[g, oc]
@@ -298,7 +299,7 @@ def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo
         n = item // groups
         g = item % groups
         if direct:
-            np.dot(w3[g].T, gy4[n, g], gx5[n, g].reshape(cin_g, h * w))
+            _blas.gemm(w3[g].T, gy4[n, g], gx5[n, g].reshape(cin_g, h * w))
         else:
             _backward_input_wide(gy4[n, g], w3[g], gx5[n, g], kh, kw, sh, sw, pt, pl, dh, dw,
                                  ho, wo)
@@ -322,7 +323,7 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
         tmp_t = np.empty((k, cout_g), dtype=x5.dtype)
         if direct:
             for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
-                np.dot(x5[n, g].reshape(cin_g, h * w), gy4[n, g].T, tmp_t)
+                _blas.gemm(x5[n, g].reshape(cin_g, h * w), gy4[n, g].T, tmp_t)
                 add_into(acc_t.ravel(), tmp_t.ravel())
         else:
             for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
@@ -365,9 +366,9 @@ def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, per):
         result = np.empty((m, cnt * hw), dtype=a4.dtype)
         _pack_images(a4, n0, cnt, g, packed, 0, 0)
         if transpose:
-            np.dot(mat3[g].T, packed, result)
+            _blas.gemm(mat3[g].T, packed, result)
         else:
-            np.dot(mat3[g], packed, result)
+            _blas.gemm(mat3[g], packed, result)
         res = result.reshape(-1)
         for i in range(cnt):
             out = out4[n0 + i, g].reshape(-1)
@@ -406,11 +407,9 @@ def _pointwise_weight_rows(gy4, x4, gw3, n0, cnt, blocks, first):
         gp = np.empty((r1 - r0, cnt * hw), dtype=gy4.dtype)
         _pack_images(gy4, n0, cnt, g, gp, r0, 0)
         if first:
-            np.dot(gp, xp[g].T, gw3[g, r0:r1])
+            _blas.gemm(gp, xp[g].T, gw3[g, r0:r1])
         else:
-            tmp = np.empty((r1 - r0, k), dtype=gy4.dtype)
-            np.dot(gp, xp[g].T, tmp)
-            gw3[g, r0:r1] += tmp
+            _blas.gemm(gp, xp[g].T, gw3[g, r0:r1], True)
 
 
 def _pointwise_per(params: Conv2dParams, kernel_hw, in_hw, out_hw, n: int) -> int:
@@ -1599,7 +1598,7 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
         buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
         _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
         for k in range(16):
-            np.dot(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
+            _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
         _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
 
 
@@ -1621,7 +1620,7 @@ def _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max):
                                 buf, t_off)
                 t_off += th_n * tw_n
     for k in range(16):
-        np.dot(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
+        _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
     t_off = 0
     for n in range(n0, n1):
         for phase in range(dh * dw):
@@ -1727,7 +1726,7 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
                 for th0 in range(0, th_n, rows):
                     th1 = min(th_n, th0 + rows)
                     tiles = (th1 - th0) * tw_n
-                    # Planes packed for this chunk's tile count (a chunk may be short): np.dot
+                    # Planes packed for this chunk's tile count (a chunk may be short): gemm
                     # needs each C-contiguous.
                     vs = _plane_stride(c_in * tiles, x4.itemsize)
                     us = _plane_stride(c_out * tiles, x4.itemsize)
@@ -1743,7 +1742,7 @@ def _winograd_products(V, U, vs, us, tiles, tmp, acc):
     """acc[k] += U[k] @ V[k]^T over a chunk's tiles (planes as in ``_winograd_input``)."""
     c_out, c_in = tmp.shape
     for k in range(16):
-        np.dot(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, tmp)
+        _blas.gemm(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, tmp)
         acc[k] += tmp
 
 
@@ -2069,15 +2068,17 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
                 _sum_chunks(part, gw3)
 
     # The rule's choice first: Winograd where it applies, else tiles (not for 1x1 layers or
-    # column dilation, nor too few output channels a group), else im2col and BLAS.
+    # column dilation, nor too few output channels a group), else im2col and BLAS. BLAS is
+    # always a candidate: with MKL's GEMM it beat the tiles on some layers (Xeon, AVX-512, 2
+    # threads, batch 8, ms, tiles / im2col + MKL: ResNet's stem 12.4 / 10.3, 3x3 stride 2 on
+    # 128 channels 12.4 / 9.9; but 256->256 on 14x14 9.9 / 11.6, LeNet's 5x5 0.25 / 0.35).
     candidates = {}
     if _is_winograd(params, weight_shape, (ho, wo)):
         candidates["winograd"] = winograd
     if (kh, kw) != (1, 1) and params.dilation[1] == 1 \
             and _tiles_fill_lanes(c_out // g, gwn.dtype, WEIGHT_GRAD_MIN_FILL):
         candidates["tiles"] = tiles
-    else:
-        candidates["gemm"] = gemm
+    candidates["gemm"] = gemm
     _autotune.run(_choice_key("conv2d_backward_weight", grad_out, x, params), candidates,
                 2 * grad_out.numel() * cin_g * kh * kw)
     return gw

@@ -1,0 +1,179 @@
+"""fastconv.cpu._blas: the GEMM the CPU kernels call (MKL from libtorch_cpu, else SciPy's)."""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numba import njit, prange
+from numba.core.errors import TypingError
+
+from fastconv.cpu import _blas
+from fastconv.cpu._runtime import blas_info, engine_threads, parallel_region
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@njit
+def _gemm(a, b, out, accumulate):
+    _blas.gemm(a, b, out, accumulate)
+
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (17, 129, 33), (64, 300, 5), (2, 1, 40), (0, 3, 4), (4, 0, 3),
+          (4, 3, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mkn", SHAPES, ids=str)
+def test_gemm_is_the_matrix_product(dtype, mkn):
+    """out = a @ b and out += a @ b for every layout pair (an F array is a transposed view),
+    against float64 numpy; every element written (the output starts as NaN)."""
+    m, k, n = mkn
+    rng = np.random.default_rng(sum(mkn))
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    # k roundings of a product at most |a||b| each: the error bound of any summation order.
+    tol = max(k, 1) * np.finfo(dtype).eps * ((np.abs(a) @ np.abs(b)).max(initial=0) + 1)
+    for a_ in (a, np.asfortranarray(a)):
+        for b_ in (b, np.asfortranarray(b)):
+            out = np.full((m, n), np.nan, dtype=dtype)
+            _gemm(a_, b_, out, False)
+            np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
+            again = out.copy()
+            _gemm(a_, b_, again, True)
+            np.testing.assert_allclose(again, 2 * expected, rtol=0, atol=3 * tol)
+
+
+def test_gemm_refuses_what_it_cannot_compute():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        _gemm(a, np.ones((5, 2), np.float32), np.empty((3, 2), np.float32), False)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        _gemm(a, np.ones((4, 2), np.float32), np.empty((3, 3), np.float32), False)
+    with pytest.raises(TypingError, match="C- or F-contiguous"):
+        _gemm(np.ones((6, 4), np.float32)[::2], np.ones((4, 2), np.float32),
+              np.empty((3, 2), np.float32), False)
+    with pytest.raises(TypingError, match="one float dtype"):
+        _gemm(a, np.ones((4, 2), np.float64), np.empty((3, 2), np.float32), False)
+
+
+def _misaligned(arr, offset):
+    """A copy of ``arr`` starting ``offset`` elements past a 64-byte boundary."""
+    buf = np.empty(arr.size + 32, arr.dtype)
+    base = (-(buf.ctypes.data // arr.itemsize)) % (64 // arr.itemsize)
+    view = buf[base + offset:base + offset + arr.size].reshape(arr.shape)
+    view[...] = arr
+    return view
+
+
+@pytest.mark.parametrize("mkn", [(64, 576, 313), (37, 129, 301), (6, 150, 100)], ids=str)
+def test_gemm_is_bitwise_repeatable(mkn):
+    """The same product, bit for bit, whatever the operands' alignment, in and out of a
+    multi-threaded region: the kernels promise results repeatable run to run."""
+    m, k, n = mkn
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    first = None
+    for items in (1, engine_threads()):
+        with parallel_region(items):
+            for off_a in (0, 1, 3, 8):
+                for off_b in (0, 5):
+                    out = _misaligned(np.zeros((m, n), np.float32), off_a % 3)
+                    _gemm(_misaligned(a, off_a), _misaligned(b, off_b), out, False)
+                    if first is None:
+                        first = out.copy()
+                    assert np.array_equal(out, first), (items, off_a, off_b)
+
+
+@njit(parallel=True)
+def _threads_seen(seen):
+    for i in prange(seen.shape[0]):
+        seen[i, 0] = _blas._region_threads()
+        seen[i, 1] = _blas._published_threads()
+
+
+@pytest.mark.parametrize("items", [1, 64])
+def test_gemm_runs_blas_single_threaded_inside_parallel_kernels(items):
+    """What gemm's thread choice reads: in a kernel whose prange runs on several threads, the
+    region's count (so BLAS gets 1 thread); with one thread (fewer items than threads), the
+    count parallel_region publishes, torch's (BLAS gets the cores)."""
+    seen = np.zeros((64, 2), np.int64)
+    with parallel_region(items) as threads:
+        _threads_seen(seen)
+    assert (seen[:, 0] == threads).all()
+    assert (seen[:, 1] == engine_threads()).all()
+    assert threads == (1 if items < engine_threads() else engine_threads())
+
+
+def test_blas_info_names_the_library():
+    (lib,) = blas_info()
+    assert lib["internal_api"] in ("mkl", "openblas", "blis")
+    assert lib["num_threads"] >= 1 and os.path.exists(lib["filepath"])
+    if _blas.NAME == "mkl":
+        assert "Math Kernel Library" in lib["version"]
+
+
+def _gemm_callers():
+    """Names of the functions in conv2d.py that call _blas.gemm."""
+    tree = ast.parse((ROOT / "fastconv" / "cpu" / "conv2d.py").read_text())
+    return sorted(f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                  and any(isinstance(c, ast.Call) and ast.unparse(c.func) == "_blas.gemm"
+                          for c in ast.walk(f)))
+
+
+@pytest.mark.slow
+def test_kernels_that_call_gemm_are_cached_on_disk(tmp_path):
+    """Every kernel that calls gemm lands in Numba's on-disk cache: a kernel that reached BLAS
+    through a ctypes pointer could not be cached, and every new process would compile it
+    again. Runs every algorithm of every pass (autotuning with no work floor) on layers that
+    take each GEMM path, in a process with an empty cache folder."""
+    script = textwrap.dedent("""
+        import torch, fastconv
+        from fastconv.cpu import _autotune
+        _autotune.MIN_FLOPS = 0
+        for xs, ws, opts in [((2, 16, 14, 14), (16, 16, 3, 3), dict(padding=1)),
+                             ((2, 3, 12, 12), (4, 3, 5, 5), dict(stride=2, padding=1)),
+                             ((3, 8, 7, 7), (40, 8, 1, 1), {}),
+                             ((2, 8, 20, 20), (24, 8, 1, 1), {})]:
+            x = torch.randn(xs, requires_grad=True)
+            w = torch.randn(ws, requires_grad=True)
+            fastconv.conv2d(x, w, **opts).sum().backward()
+    """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Cannot cache" not in run.stderr, run.stderr
+    indexed = {p.name.split(".")[1].rsplit("-", 1)[0] for p in tmp_path.rglob("conv2d.*.nbi")}
+    callers = _gemm_callers()
+    assert len(callers) >= 10
+    assert sorted(set(callers) - indexed) == []
+
+
+def test_scipy_blas_where_torch_has_no_mkl():
+    """FASTCONV_BLAS=scipy (what a torch without MKL gets): gemm calls SciPy's BLAS, the
+    kernels cached with MKL behind the symbol run unchanged, and a conv with every GEMM pass
+    still matches PyTorch."""
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F, fastconv
+        from fastconv.cpu import _blas, _runtime
+        assert _blas.NAME == "scipy", _blas.NAME
+        assert _runtime.blas_info()[0]["internal_api"] == "openblas"
+        fastconv.cpu.set_autotune(False)
+        x = torch.randn(3, 8, 7, 7, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(40, 8, 1, 1, dtype=torch.float64, requires_grad=True)
+        ours = torch.autograd.grad(fastconv.conv2d(x, w).square().sum(), (x, w))
+        theirs = torch.autograd.grad(F.conv2d(x, w).square().sum(), (x, w))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "FASTCONV_BLAS": "scipy"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
