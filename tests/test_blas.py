@@ -27,11 +27,24 @@ SHAPES = [(1, 1, 1), (3, 5, 7), (17, 129, 33), (64, 300, 5), (2, 1, 40), (0, 3, 
           (4, 3, 0)]
 
 
+def _views(a):
+    """``a``'s values as a C array, an F array (a transposed view), and blocks of a larger
+    C and a larger F array (rows or columns with a leading dimension)."""
+    rows, cols = a.shape
+    c_big = np.full((rows + 3, cols + 5), np.nan, a.dtype)
+    f_big = np.asfortranarray(np.full((rows + 4, cols + 2), np.nan, a.dtype))
+    c_big[2:2 + rows, 1:1 + cols] = a
+    f_big[1:1 + rows, 2:2 + cols] = a
+    return [a, np.asfortranarray(a), c_big[2:2 + rows, 1:1 + cols],
+            f_big[1:1 + rows, 2:2 + cols]]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mkn", SHAPES, ids=str)
 def test_gemm_is_the_matrix_product(dtype, mkn):
-    """out = a @ b and out += a @ b for every layout pair (an F array is a transposed view),
-    against float64 numpy; every element written (the output starts as NaN)."""
+    """out = a @ b and out += a @ b for every pair of operand layouts (C, F, blocks of
+    either), into a whole array and into a block of one, against float64 numpy; every
+    element of out written (it starts as NaN) and nothing around it."""
     m, k, n = mkn
     rng = np.random.default_rng(sum(mkn))
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -39,14 +52,17 @@ def test_gemm_is_the_matrix_product(dtype, mkn):
     expected = a.astype(np.float64) @ b.astype(np.float64)
     # k roundings of a product at most |a||b| each: the error bound of any summation order.
     tol = max(k, 1) * np.finfo(dtype).eps * ((np.abs(a) @ np.abs(b)).max(initial=0) + 1)
-    for a_ in (a, np.asfortranarray(a)):
-        for b_ in (b, np.asfortranarray(b)):
-            out = np.full((m, n), np.nan, dtype=dtype)
-            _gemm(a_, b_, out, False)
-            np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
-            again = out.copy()
-            _gemm(a_, b_, again, True)
-            np.testing.assert_allclose(again, 2 * expected, rtol=0, atol=3 * tol)
+    for a_ in _views(a):
+        for b_ in _views(b):
+            big = np.full((m + 2, n + 3), np.nan, dtype=dtype)
+            for out in (np.full((m, n), np.nan, dtype=dtype), big[1:1 + m, 2:2 + n]):
+                _gemm(a_, b_, out, False)
+                np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
+                again = out.copy()
+                _gemm(a_, b_, again, True)
+                np.testing.assert_allclose(again, 2 * expected, rtol=0, atol=3 * tol)
+            big[1:1 + m, 2:2 + n] = np.nan
+            assert np.isnan(big).all()  # the block's surroundings were never written
 
 
 def test_gemm_refuses_what_it_cannot_compute():
@@ -55,9 +71,11 @@ def test_gemm_refuses_what_it_cannot_compute():
         _gemm(a, np.ones((5, 2), np.float32), np.empty((3, 2), np.float32), False)
     with pytest.raises(ValueError, match="shapes do not match"):
         _gemm(a, np.ones((4, 2), np.float32), np.empty((3, 3), np.float32), False)
-    with pytest.raises(TypingError, match="C- or F-contiguous"):
-        _gemm(np.ones((6, 4), np.float32)[::2], np.ones((4, 2), np.float32),
+    with pytest.raises(ValueError, match="no unit stride"):  # neither rows nor columns
+        _gemm(np.ones((6, 8), np.float32)[::2, ::2], np.ones((4, 2), np.float32),
               np.empty((3, 2), np.float32), False)
+    with pytest.raises(ValueError, match="out must have rows of unit stride"):
+        _gemm(a, np.ones((4, 2), np.float32), np.empty((2, 3), np.float32).T, False)
     with pytest.raises(TypingError, match="one float dtype"):
         _gemm(a, np.ones((4, 2), np.float64), np.empty((3, 2), np.float32), False)
 

@@ -472,16 +472,19 @@ POINTWISE_PACKED = [  # (input, weight, options): 1x1 layers on planes small eno
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", POINTWISE_PACKED, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
-    """Forward (with bias) and both gradients, with images packed side by side per GEMM (the
-    weight gradient's GEMMs as deep as the batch, or with a small depth, a chunk of images
-    each, added in order); and the packing really happens for these shapes."""
+    """Forward (with bias) and both gradients, with images packed side by side per GEMM, the
+    GEMMs' rows shared by the threads (the whole batch in one packed matrix, or with a small
+    depth, two images per chunk, and the weight gradient's chunks added in order); and the
+    packing really happens for these shapes."""
     from fastconv._args import conv2d_params
     from fastconv.cpu import conv2d as cpu_conv2d
     from fastconv.cpu.conv2d import _pointwise_per
 
+    xs, ws, opts = shapes
+    monkeypatch.setattr(cpu_conv2d, "_DIRECT_GEMM_BYTES", 1)  # the forward as GEMMs too
     if depth is not None:
         monkeypatch.setattr(cpu_conv2d, "_WEIGHT_GEMM_DEPTH", depth)
-    xs, ws, opts = shapes
+        monkeypatch.setattr(cpu_conv2d, "_PACKED_COLUMNS", 2 * xs[2] * xs[3])
     params = conv2d_params(ws[2:], **opts)
     assert _pointwise_per(params, ws[2:], xs[2:], xs[2:], xs[0]) > 1
     gen = torch.Generator().manual_seed(1)

@@ -18,8 +18,9 @@ thread inside a parallel region of several threads, else the count ``parallel_re
 publishes in ``fastconv_blas_threads`` (torch's). SciPy's OpenBLAS keeps its process-wide
 count, set by ``parallel_region`` through threadpoolctl, as before.
 
-Like ``np.dot``, ``gemm`` takes 2-D C- or F-contiguous operands (a transposed view is an F
-array: no copy) and a C-contiguous output, all of one float dtype.
+``gemm`` takes 2-D operands of one float dtype whose rows or columns have unit stride (C or F
+arrays, transposed views, blocks of rows and columns of either: BLAS's leading dimensions, no
+copy), and an output whose rows have unit stride.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from llvmlite import ir
 from numba import cfunc, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import get_cython_function_address, intrinsic, overload
+from numba.extending import (get_cython_function_address, intrinsic, overload,
+                              register_jitable)
 from numba.np.ufunc.parallel import _launch_threads
 
 
@@ -189,9 +191,28 @@ def _published_threads(typingctx):
 
 
 def gemm(a, b, out, accumulate=False):
-    """out = a @ b (``accumulate``: out += a @ b). a (M, K), b (K, N): 2-D, C- or
-    F-contiguous; out (M, N) C-contiguous. Numba code only."""
+    """out = a @ b (``accumulate``: out += a @ b). a (M, K), b (K, N): rows or columns of
+    unit stride; out (M, N): rows of unit stride. Numba code only."""
     raise TypeError("fastconv.cpu._blas.gemm is called from Numba-compiled code")
+
+
+@register_jitable
+def _leading(x):
+    """(row-major?, leading dimension) of 2-D ``x`` as a BLAS operand: rows of unit stride
+    (C-like: a C array, or a block of rows and columns of one), else columns of unit stride
+    (F-like: a transposed view); any other stride pattern is refused. A dimension of one
+    element may have any stride."""
+    rows, cols = x.shape
+    size = x.itemsize
+    s0, s1 = x.strides
+    if (cols <= 1 or s1 == size) and (rows <= 1 or (s0 > 0 and s0 % size == 0
+                                                    and s0 // size >= cols)):
+        return True, s0 // size if rows > 1 else max(cols, 1)
+    if (rows <= 1 or s0 == size) and (cols <= 1 or (s1 > 0 and s1 % size == 0
+                                                    and s1 // size >= rows)):
+        return False, s1 // size if cols > 1 else max(rows, 1)
+    raise ValueError("gemm: an operand has no unit stride (rows or columns must be "
+                     "contiguous)")
 
 
 @overload(gemm)
@@ -202,13 +223,6 @@ def _gemm_overload(a, b, out, accumulate=False):
     if a.dtype not in (types.float32, types.float64) or b.dtype != a.dtype \
             or out.dtype != a.dtype:
         raise TypingError("gemm: a, b and out must share one float dtype")
-    if a.layout not in "CF" or b.layout not in "CF" or out.layout != "C":
-        raise TypingError("gemm: a and b must be C- or F-contiguous, out C-contiguous")
-    # Row-major out = a @ b is column-major out' = b' @ a': b is the Fortran call's first
-    # operand. A C array read column-major is its transpose ('N' gives the transpose we
-    # want); an F array (a transposed view) is itself, so it takes 'T'.
-    tb, ta = (ord("N") if x.layout == "C" else ord("T") for x in (b, a))
-    b_c, a_c = b.layout == "C", a.layout == "C"
 
     def impl(a, b, out, accumulate=False):
         m, k = a.shape
@@ -221,10 +235,16 @@ def _gemm_overload(a, b, out, accumulate=False):
             if not accumulate:
                 out[:] = 0
             return
-        ldb = max(1, n if b_c else k)
-        lda = max(1, k if a_c else m)
+        # Row-major out = a @ b is column-major out' = b' @ a': b is the Fortran call's
+        # first operand. Row-major memory read column-major is the transpose, which 'N'
+        # then wants; a column-major operand (a transposed view) takes 'T'.
+        b_rows, ldb = _leading(b)
+        a_rows, lda = _leading(a)
+        out_rows, ldc = _leading(out)
+        if not out_rows:
+            raise ValueError("gemm: out must have rows of unit stride")
         threads = 1 if _region_threads() > 1 else _published_threads()
-        _xgemm(tb, ta, n, m, k, b, ldb, a, lda, 1.0 if accumulate else 0.0, out, max(1, n),
-               threads)
+        _xgemm(78 if b_rows else 84, 78 if a_rows else 84, n, m, k, b, ldb, a, lda,
+               1.0 if accumulate else 0.0, out, ldc, threads)  # 78, 84: 'N', 'T'
 
     return impl
