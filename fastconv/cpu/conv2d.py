@@ -357,17 +357,25 @@ def _pack_images(a4, n0, cnt, g, packed, r0, c0):
 
 
 @njit(cache=True, parallel=True)
+def _packed_groups(a4, n0, cnt):
+    """(G, K, cnt*HW): images [n0, n0 + cnt) of a4 (N, G, K, HW) side by side, per group."""
+    groups, k, hw = a4.shape[1], a4.shape[2], a4.shape[3]
+    packed = np.empty((groups, k, cnt * hw), dtype=a4.dtype)
+    for item in prange(groups * cnt):
+        g, i = item // cnt, item % cnt
+        _pack_images(a4, n0 + i, 1, g, packed[g], 0, i * hw)
+    return packed
+
+
+@njit(cache=True, parallel=True)
 def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, n0, cnt, mblocks):
     """out4[n, g] = mat3[g] @ a4[n, g] (``mat3[g].T`` with ``transpose``), plus the bias, for
     images [n0, n0 + cnt): packed side by side into one (Ka, cnt*HW) matrix per group, then one
     GEMM per group and block of rows (``mblocks`` a group). a4 (N, G, Ka, HW), out4 (N, G, M,
     HW)."""
-    groups, ka, hw = a4.shape[1], a4.shape[2], a4.shape[3]
+    groups, hw = a4.shape[1], a4.shape[3]
     m = out4.shape[2]
-    packed = np.empty((groups, ka, cnt * hw), dtype=a4.dtype)
-    for item in prange(groups * cnt):
-        g, i = item // cnt, item % cnt
-        _pack_images(a4, n0 + i, 1, g, packed[g], 0, i * hw)
+    packed = _packed_groups(a4, n0, cnt)
     for item in prange(groups * mblocks):
         g, blk = item // mblocks, item % mblocks
         r0, r1 = blk * m // mblocks, (blk + 1) * m // mblocks
@@ -404,11 +412,7 @@ def _pointwise_weight_rows(gy4, x4, gw3, n0, cnt, blocks, first):
     block of output channels (``blocks`` a group): gy4 (N, G, C_out/G, HW), x4 (N, G,
     C_in/G, HW); ``first``: gw3 is written, else added to."""
     groups, m, hw = gy4.shape[1], gy4.shape[2], gy4.shape[3]
-    k = x4.shape[2]
-    xp = np.empty((groups, k, cnt * hw), dtype=x4.dtype)
-    for item in prange(groups * cnt):
-        g, i = item // cnt, item % cnt
-        _pack_images(x4, n0 + i, 1, g, xp[g], 0, i * hw)
+    xp = _packed_groups(x4, n0, cnt)
     for item in prange(groups * blocks):
         g, blk = item // blocks, item % blocks
         r0, r1 = blk * m // blocks, (blk + 1) * m // blocks
