@@ -246,3 +246,35 @@ def test_device_without_an_engine_is_not_implemented():
 
     with pytest.raises(NotImplementedError, match="'cpu' and 'cuda'.*xpu"):
         engine_for(SimpleNamespace(device=torch.device("xpu")), "conv2d")
+
+
+def test_a_plain_call_skips_the_redispatch_and_a_dispatch_mode_still_sees_the_op(monkeypatch):
+    """With no gradient to record and only a backend below autograd, the Autograd kernel calls
+    the implementation itself (one trip through the dispatcher, not two); under a
+    TorchDispatchMode the op goes the dispatcher's way and reaches the mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = ops.conv2d.default
+    redispatched = []
+    real = op.redispatch
+    monkeypatch.setattr(op, "redispatch", lambda *a: redispatched.append(1) or real(*a))
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    expected = F.conv2d(x, w, padding=1)
+    torch.testing.assert_close(fastconv.conv2d(x, w, padding=1), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(fastconv.conv2d(x.requires_grad_(), w, padding=1), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(fastconv.conv2d(x, w, padding=1), expected)
+    assert redispatched == []
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        out = fastconv.conv2d(x.detach(), w, padding=1)
+    torch.testing.assert_close(out, expected)
+    assert op in seen and redispatched

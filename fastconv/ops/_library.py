@@ -37,10 +37,21 @@ def define(schema: str, impl, fake, backward=None, setup_context=None) -> None:
     torch.library.register_fake(f"fastconv::{name}", fake, lib=LIB)
     if backward is not None:
         LIB.impl(name, _autograd_kernel(getattr(torch.ops.fastconv, name).default, backward,
-                                        setup_context), "Autograd", with_keyset=True)
+                                        setup_context, impl), "Autograd", with_keyset=True)
 
 
-def _autograd_kernel(op, backward, setup_context):
+# What may lie below autograd for the kernel to call the implementation itself rather than
+# redispatch to it: a plain CPU or CUDA tensor's keys, ADInplaceOrView (a fallthrough for
+# fastconv's ops) or not. Anything else (a TorchDispatchMode's Python key, functionalization,
+# a tensor subclass, meta or fake tensors) takes the dispatcher as usual.
+_K = torch._C.DispatchKey
+_PLAIN_BELOW_AUTOGRAD = frozenset(
+    keys.raw_repr() for backend in (_K.CPU, _K.CUDA)
+    for keys in (torch._C.DispatchKeySet(backend),
+                 torch._C.DispatchKeySet(backend).add(_K.ADInplaceOrView)))
+
+
+def _autograd_kernel(op, backward, setup_context, impl=None):
     """The Autograd-key kernel ``torch.library.register_autograd`` would register, leaner.
 
     Same mechanism (an autograd.Function whose forward redispatches below autograd, the
@@ -80,8 +91,13 @@ def _autograd_kernel(op, backward, setup_context):
                     f"or vmap of a function that records gradients) are not supported; use "
                     f"torch.autograd.grad, which supports gradients of any order")
             return apply(*_functorch_utils.unwrap_dead_wrappers(args), keyset)
+        below = keyset & torch._C._after_autograd_keyset
+        if impl is not None and below.raw_repr() in _PLAIN_BELOW_AUTOGRAD:
+            # Where the redispatch could only reach the implementation: one Python -> C++ ->
+            # Python round trip less per call (~6 of a tiny conv's 46 us).
+            return impl(*args)
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+            return op.redispatch(below, *args)
 
     return kernel
 
