@@ -484,6 +484,16 @@ def _backward_bias(gy3, gb):
 # layer at 172 GFLOP/s. Stride and dilation are only the tap offsets and the columns'
 # spacing.
 @njit(cache=True, nogil=True)
+def _aligned_empty(n, dtype):
+    """A 1-D array of ``n`` elements starting on a 64-byte boundary. Numba aligns arrays to
+    32 bytes; a tile's weight vectors are 64-byte zmm loads, each split across two cache
+    lines when the packed weights start mid-line."""
+    buf = np.empty(n + 16, dtype=dtype)  # 16 elements: 64 bytes of either float
+    skip = (-buf.ctypes.data) % 64 // buf.itemsize
+    return buf[skip:skip + n]
+
+
+@njit(cache=True, nogil=True)
 def _tap_offsets(cin, kh, kw, sw, dh, dw, plane, row, wq):
     """offs[(c*kH + i)*kW + j]: where tap (c, i, j) of a window sits relative to the window's
     first element, in a buffer of ``plane``-element channels and ``row``-element rows, each
@@ -576,7 +586,7 @@ def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, l
     nb, k_taps = -(-cout_g // lv), cin_g * kh * kw
     # Packed weights and bias, (G, NB, K, lv) and (G, NB, lv), made here: one parallel
     # launch and no Python between the two loops (LeNet's 5x5 layer: 20 us less per call).
-    wpk = np.empty((groups, nb, k_taps, lv), dtype=x4.dtype)
+    wpk = _aligned_empty(groups * nb * k_taps * lv, x4.dtype).reshape((groups, nb, k_taps, lv))
     bpk = np.empty((groups, nb, lv), dtype=x4.dtype)
     for item in prange(groups * nb):
         _pack_block(w5, transposed, item // nb, item % nb, wpk[item // nb, item % nb],
@@ -914,7 +924,8 @@ def _weight_grad_tiles(gy: np.ndarray, x: np.ndarray, gw: np.ndarray,
         with parallel_region(n * c_in):
             _pad_planes(x, xs, top, left)
     npix = n * ho * wo
-    gpk = np.empty((g, -(-(c_out // g) // lv), npix, lv), dtype=x.dtype)
+    gpk = _aligned_empty(g * -(-(c_out // g) // lv) * npix * lv, x.dtype).reshape(
+        g, -(-(c_out // g) // lv), npix, lv)  # the tiles' vector operand, as _tile_forward's
     with parallel_region(gpk.shape[0] * gpk.shape[1] * n):
         _pack_grad_out(gy, g, lanes, gpk)
     chunks = max(1, min(npix, -(-npix * lv * x.itemsize // _WEIGHT_CHUNK_BYTES)))
