@@ -731,3 +731,39 @@ def test_tile_operand_buffers_start_on_cache_lines(dtype):
         for _ in range(4):
             a = _aligned_empty(n, np.dtype(dtype))
             assert a.shape == (n,) and a.dtype == dtype and a.ctypes.data % 64 == 0
+
+
+def test_l2_size_read_from_sysfs_or_assumed(monkeypatch, tmp_path):
+    """The cache-blocked buffers' sizes come from the L2 the system reports (sysfs's
+    "2048K"), or 1 MiB where nothing can be read; never less than the 256 KiB they were
+    first tuned at."""
+    import os
+
+    from fastconv.cpu import _runtime
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    assert cpu_conv2d._COPY_BYTES == max(256 << 10, _runtime.l2_bytes() // 4)
+    real_listdir, real_open = os.listdir, open
+    caches = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
+              ("3", "Unified", "32M")]
+    for index, (level, kind, size) in enumerate(caches):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+    sysfs = "/sys/devices/system/cpu/cpu0/cache"
+    monkeypatch.setattr(os, "listdir", lambda p: real_listdir(tmp_path) if p == sysfs
+                        else real_listdir(p))
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(
+        str(p).replace(sysfs, str(tmp_path)), *a, **k))
+    _runtime.l2_bytes.cache_clear()
+    try:
+        assert _runtime.l2_bytes() == 2 << 20
+        (tmp_path / "index2" / "size").write_text("512K\n")
+        _runtime.l2_bytes.cache_clear()
+        assert _runtime.l2_bytes() == 512 << 10
+        monkeypatch.setattr(os, "listdir", lambda p: (_ for _ in ()).throw(OSError(p)))
+        _runtime.l2_bytes.cache_clear()
+        assert _runtime.l2_bytes() == 1 << 20
+    finally:
+        _runtime.l2_bytes.cache_clear()

@@ -74,6 +74,30 @@ def blas_info() -> list[dict]:
     return [{**_blas.info(), "num_threads": engine_threads()}]
 
 
+@functools.cache
+def l2_bytes() -> int:
+    """One core's L2 cache in bytes (Linux sysfs), or 1 MiB where it cannot be read: what the
+    kernels' cache-blocked buffers are sized from."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(path, "size")) as f:
+                    size = f.read().strip()  # "2048K"
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
 def engine_threads() -> int:
     """Threads the CPU engine uses: torch's count, capped by Numba's pool size."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

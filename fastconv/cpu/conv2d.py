@@ -50,7 +50,7 @@ from numba import njit, prange
 
 from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
-from ._runtime import engine_threads, float32_for_half, parallel_region
+from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
 from ._microkernel import copy_run, tile_fma, transpose_block
 from ._window import U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
 
@@ -696,8 +696,10 @@ FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL, WEIGHT_GRAD_MIN_FILL = 0.25, 1.0, 0.5
 _DIRECT_GEMM_BYTES = 256 * 1024
 
 # Bytes of input rows per copy in _tile_forward: with the weights of a block of output
-# channels, within this machine class's 1 MiB L2.
-_COPY_BYTES = 256 * 1024
+# channels, within L2. 256 KiB was set on 1 MiB L2s (and kept on Zen 3's 512 KiB); with 2 MiB
+# (Xeon), a quarter of it: 3x3 stride 2 on 128 channels, forward tiles, 7.3-7.9 -> 6.9-7.3 ms
+# (its chunks of 3 output rows copied 7 input rows; now 7 of 15), other layers unchanged.
+_COPY_BYTES = max(256 * 1024, l2_bytes() // 4)
 
 
 def _tiles_fill_lanes(n_out: int, dtype, fill: float) -> bool:
@@ -899,8 +901,9 @@ def _pad_planes(x4, xp4, pt, pl):
         _pad_plane(x4[img, c], xp4[img, c], pt, pl)
 
 
-# Bytes of packed grad_out a chunk of pixels holds (L2 is 1 MiB on this machine class).
-_WEIGHT_CHUNK_BYTES = 256 * 1024
+# Bytes of packed grad_out a chunk of pixels holds: as _COPY_BYTES (2 MiB L2, weight-gradient
+# tiles, ms: 64 channels on 56x56 9.7-10.1 -> 9.4-9.6, the stem 11.0-12.2 -> 10.5-11.3).
+_WEIGHT_CHUNK_BYTES = max(256 * 1024, l2_bytes() // 4)
 
 
 def _weight_grad_tiles(gy: np.ndarray, x: np.ndarray, gw: np.ndarray,
@@ -1375,8 +1378,13 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
 # add and subtract (B, A) or halve (G), so float32 results differ from direct convolution by
 # a few more roundings: on the bench's 3x3 layers the worst error against a float64 result
 # was 1-3x PyTorch's own (see README).
-# Tiles per work item: V and M (16 x channels x tiles each) within half of a 1 MiB L2.
-_WINOGRAD_BYTES = 512 * 1024
+# Tiles per work item: V and M (16 x channels x tiles each) in about this many bytes. Half a
+# 1 MiB L2 (512 KiB) when OpenBLAS ran the 16 GEMMs; MKL runs wider GEMMs (more tiles) better
+# than it loses to V and M spilling out of L2: Xeon, 2 MiB L2, 2 threads, ms at 512 KiB / 4
+# MiB: forward 64 channels on 56x56 6.7-7.0 / 5.5-5.7, 128 on 112x112 (batch 2) 19.4-20.4 /
+# 15.9-16.1; input gradient 7.3-7.9 / 5.8-6.0 and 21.4 / 18.3-18.7; 256 on 14x14 (a whole
+# image already) unchanged.
+_WINOGRAD_BYTES = 4 << 20
 # Fewer tiles than this in an image: whole images per work item instead, so each chunk's 16
 # GEMMs have about this many columns and each pass over U (16 C_out x C_in matrices, 16 MiB
 # for 512 channels) serves them all (measured, 2 threads: 512x512 on 7x7, batch 8, 24 ->
@@ -1389,7 +1397,8 @@ _WINOGRAD_MIN_TILES = 64
 # 4.2 vs 5.0, 8->32 160x160 2.4 vs 2.4, 256->64 100x100 25.7 vs 24.7; earlier 64x56x56 batch
 # 8 9.3 vs 16.6, 256x14x14 11.6 vs 13.1). (Large planes once lost, 62 vs 48 ms, before the
 # transform planes were spaced apart: see _plane_stride.)
-_WINOGRAD_WGRAD_TILES = 256
+_WINOGRAD_WGRAD_TILES = 512  # 256 before MKL: 64 on 56x56 7.8-7.9 -> 7.3-7.4 ms, VGG's 128 on
+# 112x112 23.6-24.0 -> 23.2-23.5 (1024: 26 ms)
 # Planes of few tiles instead take whole images per chunk, up to about this many tiles: the
 # 16 tiles of a 7x7 plane made 16-deep GEMMs (measured, one thread, batch 8: 512x512 on 7x7
 # 40 -> 23 ms; 256x256 on 14x14, 49 tiles, 17.5 -> 15.5 ms at 98 tiles a chunk but 19.5 ms
