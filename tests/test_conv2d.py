@@ -543,18 +543,25 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
 ]
 
 
+@pytest.mark.parametrize("chunks", ["default", "one-tile-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_winograd_layers(dtype, shapes, monkeypatch):
+def test_winograd_layers(dtype, shapes, chunks, monkeypatch):
     """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) forward and
     input gradient, F(3x3, 2x2) weight gradient, per dilation phase; on planes of any size
-    (the engine takes Winograd from 12x12 on: the small ones are its edge cases). Error bound:
-    a few PyTorch-sized errors plus 8 ulp of the tensor's largest condition scale (Winograd
-    mixes a tile's terms, see helpers)."""
+    (the engine takes Winograd from 12x12 on: the small ones are its edge cases), with the
+    chunk sizes the engine uses (these small layers fit one chunk) and with one tile row per
+    forward chunk and 7 tiles per weight-gradient chunk (several chunks, short last ones).
+    Error bound: a few PyTorch-sized errors plus 8 ulp of the tensor's largest condition
+    scale (Winograd mixes a tile's terms, see helpers)."""
     from fastconv._args import conv2d_params
     from fastconv.cpu import conv2d as cpu_conv2d
 
     monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_MIN_PLANE", 1)
+    if chunks == "one-tile-row":
+        monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_BYTES", 1)
+        monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_WGRAD_TILES", 7)
+        monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_WGRAD_IMAGE_TILES", 7)
     xs, ws, opts = shapes
     params = conv2d_params(ws[2:], **opts)
     assert cpu_conv2d._is_winograd(params, ws, params.output_hw(xs[2:], ws[2:]))
