@@ -1403,7 +1403,9 @@ _WINOGRAD_WGRAD_TILES = 512  # 256 before MKL: 64 on 56x56 7.8-7.9 -> 7.3-7.4 ms
 # 16 tiles of a 7x7 plane made 16-deep GEMMs (measured, one thread, batch 8: 512x512 on 7x7
 # 40 -> 23 ms; 256x256 on 14x14, 49 tiles, 17.5 -> 15.5 ms at 98 tiles a chunk but 19.5 ms
 # at 245, its transform planes then far larger than L2).
-_WINOGRAD_WGRAD_IMAGE_TILES = 128
+_WINOGRAD_WGRAD_IMAGE_TILES = 256  # 128 with OpenBLAS. With MKL, engine calls, 2 threads, ms:
+# 256 channels on 14x14 8.6-8.7 -> 7.5-7.6 (batch 8), 22.8-23.0 -> 21.6-21.7 (batch 32); 512
+# on 14x14 35-41 -> 29-34; 128 on 12x12 1.69-1.72 -> 1.54-1.59
 
 
 # The 16 transform planes of a chunk (V, M, the weight gradient's U) are written or read as 16
