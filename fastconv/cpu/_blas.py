@@ -93,6 +93,9 @@ for _symbol, _address in _addresses.items():
     llvm_binding.add_symbol(_symbol, _address)
 
 
+_launched = False
+
+
 def set_threads(n: int) -> None:
     """The count of MKL threads a GEMM gets outside a multi-threaded parallel region."""
     global _launched
@@ -100,9 +103,6 @@ def set_threads(n: int) -> None:
         _launch_threads()
         _launched = True
     _threads[0] = max(1, int(n))
-
-
-_launched = False
 
 
 @intrinsic
@@ -140,7 +140,6 @@ def _xgemm(typingctx, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, t
     sig = types.void(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, threads)
 
     def codegen(context, builder, signature, args):
-        ta, tb, m_, n_, k_, a_, lda_, b_, ldb_, beta_, c_, ldc_, nt = args
         dtype = signature.args[5].dtype
         ft = context.get_data_type(dtype)
         i8, i32 = ir.IntType(8), ir.IntType(32)
@@ -153,25 +152,21 @@ def _xgemm(typingctx, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, t
         set_threads = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(i32, [i32]), "fastconv_blas_set_local_threads")
 
-        def ref(value, ty):
-            return cgutils.alloca_once_value(builder, value if value.type == ty
-                                             else builder.trunc(value, ty)
-                                             if value.type.width > ty.width
-                                             else builder.sext(value, ty))
+        def value(i, ty):  # argument i converted to Numba type ty
+            return context.cast(builder, args[i], signature.args[i], ty)
 
-        def data(arr, ty):
-            return context.make_array(ty)(context, builder, arr).data
+        def ref(i, ty):  # Fortran passes every argument by reference
+            return cgutils.alloca_once_value(builder, value(i, ty))
 
-        arr_ty = signature.args[5]
-        one = ft(1.0)
-        beta_v = context.cast(builder, beta_, signature.args[9], dtype)
-        previous = builder.call(set_threads, [builder.trunc(nt, i32)
-                                              if nt.type.width > 32 else nt])
-        builder.call(fn, [ref(ta, i8), ref(tb, i8), ref(m_, i32), ref(n_, i32), ref(k_, i32),
-                          cgutils.alloca_once_value(builder, one), data(a_, arr_ty),
-                          ref(lda_, i32), data(b_, signature.args[7]), ref(ldb_, i32),
-                          cgutils.alloca_once_value(builder, beta_v),
-                          data(c_, signature.args[10]), ref(ldc_, i32)])
+        def data(i):
+            return context.make_array(signature.args[i])(context, builder, args[i]).data
+
+        previous = builder.call(set_threads, [value(12, types.int32)])
+        builder.call(fn, [ref(0, types.int8), ref(1, types.int8), ref(2, types.int32),
+                          ref(3, types.int32), ref(4, types.int32),
+                          cgutils.alloca_once_value(builder, ft(1.0)), data(5),
+                          ref(6, types.int32), data(7), ref(8, types.int32), ref(9, dtype),
+                          data(10), ref(11, types.int32)])
         builder.call(set_threads, [previous])
         return context.get_dummy_value()
 

@@ -49,7 +49,7 @@ def threading_layer() -> str | None:
     return _layer
 
 
-def _numba_blas():
+def _scipy_blas_libs():
     """threadpoolctl handles on SciPy's BLAS where ``_blas.gemm`` calls it (no MKL in this
     torch), else none: MKL's count is set per call, inside the kernels (see _blas)."""
     global _scipy_blas
@@ -70,7 +70,7 @@ def blas_info() -> list[dict]:
     """Library, version, file and thread count (outside parallel kernels) of the BLAS the CPU
     engine's GEMMs call."""
     if _blas.NAME == "scipy":
-        return [lib.info() for lib in _numba_blas()]
+        return [lib.info() for lib in _scipy_blas_libs()]
     return [{**_blas.info(), "num_threads": engine_threads()}]
 
 
@@ -131,7 +131,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
             numba.set_num_threads(numba_threads)
         _blas.set_threads(threads)
         self.saved_blas = []
-        for lib in _numba_blas():
+        for lib in _scipy_blas_libs():
             current = lib.num_threads
             if current != blas_threads:
                 lib.set_num_threads(blas_threads)

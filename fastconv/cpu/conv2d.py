@@ -927,9 +927,10 @@ def _weight_grad_tiles(gy: np.ndarray, x: np.ndarray, gw: np.ndarray,
         with parallel_region(n * c_in):
             _pad_planes(x, xs, top, left)
     npix = n * ho * wo
-    gpk = _aligned_empty(g * -(-(c_out // g) // lv) * npix * lv, x.dtype).reshape(
-        g, -(-(c_out // g) // lv), npix, lv)  # the tiles' vector operand, as _tile_forward's
-    with parallel_region(gpk.shape[0] * gpk.shape[1] * n):
+    nb = -(-(c_out // g) // lv)
+    # The tiles' vector operand, aligned as _tile_forward's packed weights.
+    gpk = _aligned_empty(g * nb * npix * lv, x.dtype).reshape(g, nb, npix, lv)
+    with parallel_region(g * nb * n):
         _pack_grad_out(gy, g, lanes, gpk)
     chunks = max(1, min(npix, -(-npix * lv * x.itemsize // _WEIGHT_CHUNK_BYTES)))
     gw3 = gw.reshape(g, c_out // g, -1)

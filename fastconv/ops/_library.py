@@ -51,13 +51,14 @@ _PLAIN_BELOW_AUTOGRAD = frozenset(
                  torch._C.DispatchKeySet(backend).add(_K.ADInplaceOrView)))
 
 
-def _autograd_kernel(op, backward, setup_context, impl=None):
+def _autograd_kernel(op, backward, setup_context, impl):
     """The Autograd-key kernel ``torch.library.register_autograd`` would register, leaner.
 
     Same mechanism (an autograd.Function whose forward redispatches below autograd, the
     keyset riding as a trailing argument), without its per-call generalities that no fastconv
     schema needs (default and keyword-only arguments, tensor lists): those cost ~20 us per
-    call, as much as the engine call of a tiny conv.
+    call, as much as the engine call of a tiny conv. ``impl`` is the op's implementation,
+    called directly where the redispatch could reach nothing else.
     """
 
     class Node(torch.autograd.Function):
@@ -92,7 +93,7 @@ def _autograd_kernel(op, backward, setup_context, impl=None):
                     f"torch.autograd.grad, which supports gradients of any order")
             return apply(*_functorch_utils.unwrap_dead_wrappers(args), keyset)
         below = keyset & torch._C._after_autograd_keyset
-        if impl is not None and below.raw_repr() in _PLAIN_BELOW_AUTOGRAD:
+        if below.raw_repr() in _PLAIN_BELOW_AUTOGRAD:
             # Where the redispatch could only reach the implementation: one Python -> C++ ->
             # Python round trip less per call (~6 of a tiny conv's 46 us).
             return impl(*args)
