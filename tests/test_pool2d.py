@@ -456,11 +456,16 @@ def test_max_pool2d_backward_makes_no_gradient_for_the_indices():
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("count_include_pad, divisor_override",
                          [(True, None), (False, None), (True, 3)])
+@pytest.mark.parametrize("stream", [False, True])
 def test_avg_pool2d_2x2_kernels_are_bitwise_torch(padding, ceil_mode, count_include_pad,
-                                                  divisor_override):
+                                                  divisor_override, stream, monkeypatch):
     """2x2/stride-2 average pooling has kernels of its own (cpu/pool2d.py): every option, odd
     and even sizes (rows and columns in no window, windows reaching into the padding or past
-    the input), -0.0 and ties: the same bits as PyTorch, forward and backward."""
+    the input), -0.0 and ties: the same bits as PyTorch, forward and backward, the gradient
+    written straight or through the streamed stage (which large gradients take)."""
+    from fastconv.cpu import pool2d as P
+
+    monkeypatch.setattr(P, "_STREAM_BYTES", 0 if stream else 1 << 62)
     opts = dict(kernel_size=2, stride=2, padding=padding, ceil_mode=ceil_mode,
                 count_include_pad=count_include_pad, divisor_override=divisor_override)
     gen = torch.Generator().manual_seed(sum(padding) + 7 * ceil_mode)
@@ -481,13 +486,17 @@ def test_avg_pool2d_2x2_kernels_are_bitwise_torch(padding, ceil_mode, count_incl
 @pytest.mark.parametrize("opts", [dict(kernel_size=3, stride=2, padding=1),
                                   dict(kernel_size=3, stride=1, padding=1, dilation=2),
                                   dict(kernel_size=(2, 3), stride=(1, 2), ceil_mode=True)])
-def test_large_max_pool2d_is_bitwise_torch(opts, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+def test_large_max_pool2d_is_bitwise_torch(opts, stream, monkeypatch):
     """Many planes, overlapping windows, ties everywhere (so one input element collects several
     gradients and their order matters), outputs on the huge-page allocation path (lowered
-    from 32 MiB to 4 MiB here, to keep the test small)."""
+    from 32 MiB to 4 MiB here, to keep the test small), gradients written straight or by
+    streaming stores (the size that switches to them lowered or raised past this one)."""
     from fastconv.cpu import _runtime
+    from fastconv.cpu import pool2d as P
 
     monkeypatch.setattr(_runtime, "_CACHE_FROM", 4 << 20)
+    monkeypatch.setattr(P, "_STREAM_BYTES", 0 if stream else 1 << 62)
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(-3, 4, (8, 20, 96, 97), generator=gen).float()
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()

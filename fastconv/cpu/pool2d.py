@@ -975,8 +975,10 @@ def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors):
-    """The gradient of _avg_forward_2x2: gy3 (P, Ho, Wo) -> gx3 (P, H, W), written once."""
+def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors, stream):
+    """The gradient of _avg_forward_2x2: gy3 (P, Ho, Wo) -> gx3 (P, H, W), written once:
+    straight into gx3, or if ``stream`` into an L1 stage of about _STAGE elements that leaves
+    by streaming stores (as in _max_backward_pairs)."""
     planes, h, w = gx3.shape
     ho, wo = gy3.shape[1], gy3.shape[2]
     gy, gx = gy3.reshape(-1), gx3.reshape(-1)
@@ -984,36 +986,45 @@ def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors):
     _, c0, c1 = _pair_taps(2, 2, pw, 1, w, wo)
     lo, hi = max(0, 2 * c0 - pw), max(0, 2 * c1 - pw)  # the interior windows' columns
     zero = gx.dtype.type(0)
+    rows = max(1, _STAGE // w) if stream else 1  # rows a stage holds
     for b in prange(blocks):
         prefer_wide_vectors()
-        first = b * items // blocks
+        stage = np.empty(rows * w if stream else 0, dtype=gx.dtype)
+        out = stage if stream else gx
+        first, last = b * items // blocks, (b + 1) * items // blocks
         p, ih = first // h, first % h - 1  # then counted, not divided, per row
-        for item in range(first, (b + 1) * items // blocks):
+        for item in range(first, last):
             ih += 1
             if ih == h:
                 p, ih = p + 1, 0
-            r0 = item * w
+            r0 = (item - first) % rows * w if stream else item * w
             oh = (ih + ph) // 2
             if oh >= ho:  # below the last window
-                fill_at(gx, r0, w, 0)
-                continue
-            g0, row_factor = (p * ho + oh) * wo, row_factors[oh]
-            if lo > 0 or hi < w:  # edge windows, and columns in no window
-                # (Left of lo every column is in window 0: padding is at most 1.)
-                fill_at(gx, r0 + hi, w - hi, 0)
-                for k in range(wo):
-                    if c0 <= k < c1:
-                        continue
-                    v = gy[g0 + k] / _divisor(gx, row_factor, col_factors[k])
-                    for j in range(2):
-                        c = 2 * k - pw + j
-                        if 0 <= c < w:
-                            gx[r0 + c] = zero + v
-            dst, src = U64(r0 + lo), U64(g0 + c0)
-            for t in range(U64(c1 - c0)):
-                v = zero + gy[src + t] / _divisor(gx, row_factor, col_factors[U64(c0) + t])
-                gx[dst + U2 * t] = v
-                gx[dst + U2 * t + U1] = v
+                fill_at(out, r0, w, 0)
+            else:
+                g0, row_factor = (p * ho + oh) * wo, row_factors[oh]
+                if lo > 0 or hi < w:  # edge windows, and columns in no window
+                    # (Left of lo every column is in window 0: padding is at most 1.)
+                    fill_at(out, r0 + hi, w - hi, 0)
+                    for k in range(wo):
+                        if c0 <= k < c1:
+                            continue
+                        v = gy[g0 + k] / _divisor(gx, row_factor, col_factors[k])
+                        for j in range(2):
+                            c = 2 * k - pw + j
+                            if 0 <= c < w:
+                                out[r0 + c] = zero + v
+                dst, src = U64(r0 + lo), U64(g0 + c0)
+                for t in range(U64(c1 - c0)):
+                    v = zero + gy[src + t] / _divisor(gx, row_factor, col_factors[U64(c0) + t])
+                    out[dst + U2 * t] = v
+                    out[dst + U2 * t + U1] = v
+            done = item + 1
+            if stream and ((done - first) % rows == 0 or done == last):
+                start = (item - (item - first) % rows) * w
+                stream_run(gx, start, stage, 0, done * w - start)
+        if stream:
+            stream_fence()
 
 
 def _avg_factors(out: int, size: int, k: int, s: int, pad: int, count_include_pad: bool):
@@ -1041,9 +1052,16 @@ def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_includ
     return rows, cols.astype(col_dtype)
 
 
-# Gradients from this many bytes leave the kernels by streaming stores: far larger than the
-# caches, they would only evict what is there on their way to memory.
-_STREAM_BYTES = 32 << 20
+# Gradients from this many bytes leave the kernels by streaming stores: far larger than L2,
+# they would only evict what is there (the forward's input, the next layer's operands) on
+# their way to memory, after reading every line in first. Measured on the Xeon (2 MiB L2),
+# forward+backward and then a sum over the gradient (a consumer reading it), plain / streamed,
+# ms: 2x2/s2 average pooling 64x56x56 at batch 4 (3 MiB of gradient) 0.70-0.76 / 0.84-0.85,
+# batch 8 (6 MiB) 1.05 / 1.34-1.35, batch 16 (12 MiB) 2.33-2.41 / 2.35-2.37, batch 32 (25 MiB)
+# 5.9-6.3 / 4.5-4.6; 3x3/s2 max pooling's gradient of 12 MiB 4.1-4.3 / 3.5, 49 MiB 15.6-15.8 /
+# 11.8. (Not the stride-1 max pooling gradient, _max_backward_s1: compute-bound, it lost more
+# to a stage's copy than the stores saved, 64x56x56 3x3/s1 at batch 32 4.5-4.8 -> 4.9-5.3 ms.)
+_STREAM_BYTES = 12 << 20
 
 
 def _blocks(items: int) -> int:
@@ -1204,7 +1222,8 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
         with parallel_region(n * c * h):
             if params.kernel == params.stride == (2, 2):
                 _avg_backward_2x2(_planes(grad_out), gx.numpy().reshape(-1, h, w),
-                                  _blocks(n * c * h), *params.padding, *factors)
+                                  _blocks(n * c * h), *params.padding, *factors,
+                                  gx.numel() * gx.element_size() >= _STREAM_BYTES)
             else:
                 _avg_backward(_planes(grad_out), gx.numpy().reshape(-1, h, w),
                               _blocks(n * c * h), *params.kernel, *params.stride,
