@@ -1,6 +1,6 @@
 """The Numba CPU engine: JIT-compiled kernels, parallel across cores (see ``_runtime``).
 
-``empty_cache()`` and ``cache_info()`` manage the memory it recycles for outputs of 32 MiB and
+``empty_cache()`` and ``cache_info()`` manage the memory it recycles for outputs of 4 MiB and
 up (see ``_runtime``). ``set_autotune()``, ``autotune_choices()`` and ``clear_autotune()``
 control and report the per-configuration choice of conv algorithm (see ``_autotune``)."""
 
