@@ -15,7 +15,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def small_cache(monkeypatch):
-    """Recycle from 1 MiB (instead of 32) into a fresh cache holding at most 8 MiB idle."""
+    """Recycle from 1 MiB (instead of 4) into a fresh cache holding at most 8 MiB idle."""
     cache = _runtime._OutputCache()
     cache.limit = 8 * MIB
     monkeypatch.setattr(_runtime, "_cache", cache)
@@ -61,6 +61,25 @@ def test_small_outputs_and_a_zero_limit_use_torch_memory(small_cache):
     big = _runtime.empty((2, MIB), torch.float32)
     assert big.untyped_storage().resizable() and big.shape == (2, MIB)
     assert cache_info()["misses"] == 0
+
+
+def test_huge_page_advice_with_recycling_off_only_for_large_outputs(small_cache,
+                                                                    monkeypatch):
+    """With recycling off, each call's fresh output is advised only from _ADVISE_FROM (advice
+    on every fresh mid-size output made the stem's forward swing); recycled blocks are
+    advised once, when first mapped."""
+    advised = []
+    monkeypatch.setattr(_runtime, "_advise", lambda start, n: advised.append(n))
+    monkeypatch.setattr(_runtime, "_ADVISE_FROM", 4 * MIB)
+    first = _runtime.empty((MIB,), torch.float32)  # 4 MiB, recycled: mapped and advised
+    del first
+    again = _runtime.empty((MIB,), torch.float32)  # the same block: not advised again
+    assert advised == [4 * MIB] and cache_info()["hits"] == 1
+    del again
+    small_cache.limit = 0
+    _runtime.empty((MIB // 2,), torch.float32)  # 2 MiB: torch's memory, no advice
+    _runtime.empty((MIB,), torch.float32)  # 4 MiB: advised
+    assert advised == [4 * MIB, 4 * MIB]
 
 
 def test_cache_limit_comes_from_the_environment(monkeypatch):

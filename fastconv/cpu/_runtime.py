@@ -176,10 +176,14 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 # A recycled tensor wraps its mapping as ``torch.from_numpy`` does, so its storage cannot be
 # resized (``resize_`` to a larger size raises); everything else is an ordinary tensor.
 # FASTCONV_CACHE_MB caps the bytes held idle (default 1024; 0 turns recycling off, and then
-# large outputs are torch.empty, huge-page advised); FASTCONV_HUGE_PAGES=0 turns the advice
+# outputs are torch.empty, huge-page advised from 32 MiB); FASTCONV_HUGE_PAGES=0 turns the advice
 # off. ``fastconv.cpu.empty_cache()`` returns idle mappings to the system.
 _HUGE = 2 << 20
 _CACHE_FROM = 4 << 20
+# With recycling off, only outputs this large are advised, each call: advice on every fresh
+# 25 MB stem output made its forward swing between ~20 and ~45 ms (a recycled block is
+# advised once, when first mapped).
+_ADVISE_FROM = 32 << 20
 
 
 @functools.cache
@@ -315,7 +319,8 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     if _cache.limit == 0:
         t = torch.empty(shape, dtype=dtype)
-        _advise(t.data_ptr(), nbytes)
+        if nbytes >= _ADVISE_FROM:
+            _advise(t.data_ptr(), nbytes)
         return t
     typestr = _typestr(dtype)
     return torch.from_numpy(np.asarray(_Lease(_cache.take(nbytes), shape, typestr)))
