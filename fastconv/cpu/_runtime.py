@@ -167,17 +167,16 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 # faults, but PyTorch asks it for 64-byte-aligned blocks, which it often cannot carve from the
 # block just freed, so a call's output lands at fresh heap addresses, cold in every cache (a
 # 25 MB tensor allocated and freed eight times took eight addresses, each 25 MB above the
-# last). Measured on the Xeon, 32 /
-# 4 MiB, forward+backward: 32x64x56x56 average pooling 2x2/s2 2.63-2.72 / 2.32-2.38 ms, max
-# pooling 3x3/s1 11.5-11.8 / 10.5-10.9; fastconv bench, two alternating runs each, the
-# geometric mean of the 11 convolutions' times forward 2.80-2.88 / 2.60-2.72 ms, forward+
-# backward 11.4-11.6 / 10.7-11.1.
+# last). Measured on the Xeon, from 32 / from 4 MiB, forward+backward of 32x64x56x56: average
+# pooling 2x2/s2 2.63-2.72 / 2.32-2.38 ms, max pooling 3x3/s1 11.5-11.8 / 10.5-10.9 ms;
+# fastconv bench, two alternating runs each, the geometric mean of the 11 convolutions'
+# times: forward 2.80-2.88 / 2.60-2.72 ms, forward+backward 11.4-11.6 / 10.7-11.1 ms.
 #
 # A recycled tensor wraps its mapping as ``torch.from_numpy`` does, so its storage cannot be
 # resized (``resize_`` to a larger size raises); everything else is an ordinary tensor.
 # FASTCONV_CACHE_MB caps the bytes held idle (default 1024; 0 turns recycling off, and then
-# outputs are torch.empty, huge-page advised from 32 MiB); FASTCONV_HUGE_PAGES=0 turns the advice
-# off. ``fastconv.cpu.empty_cache()`` returns idle mappings to the system.
+# outputs are torch.empty, huge-page advised from 32 MiB); FASTCONV_HUGE_PAGES=0 turns the
+# advice off. ``fastconv.cpu.empty_cache()`` returns idle mappings to the system.
 _HUGE = 2 << 20
 _CACHE_FROM = 4 << 20
 # With recycling off, only outputs this large are advised, each call: advice on every fresh
