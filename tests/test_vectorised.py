@@ -87,16 +87,16 @@ CASES = {
     # with the winning tap (read straight from the row: interleaved loads), then their max
     # over the window's rows
     "pool2d._interior_maxima": lambda: (pool2d._interior_maxima, _f32(112), 0, _f32(200),
-                                        np.zeros(200, np.int32), 0, 3, 2, 1, 1, 55, False),
+                                        np.zeros(200, np.float32), 0, 3, 2, 1, 1, 55, False),
     "pool2d._interior_maxima (window)": lambda: (pool2d._interior_maxima, _f32(112), 0,
-                                                 _f32(200), np.zeros(200, np.int32), 0, 3, 2,
+                                                 _f32(200), np.zeros(200, np.float32), 0, 3, 2,
                                                  1, 1, 55, True),
     # ... at stride 1 (3x3/s1/p1)
     "pool2d._interior_maxima (stride 1, window)": lambda: (
-        pool2d._interior_maxima, _f32(112), 0, _f32(300), np.zeros(300, np.int32), 0, 3, 1,
+        pool2d._interior_maxima, _f32(112), 0, _f32(300), np.zeros(300, np.float32), 0, 3, 1,
         1, 1, 111, True),
     "pool2d._column_maxima (window)": lambda: (pool2d._column_maxima, _f32(300),
-                                               np.zeros(300, np.int32), 0, 100, 200, _f32(64),
+                                               np.zeros(300, np.float32), 0, 100, 200, _f32(64),
                                                np.zeros(64, np.uint8), 0, 64, 3, 3, True),
     # ... and its gradient, gathered per input row from two output rows (masked adds)
     "pool2d._pair_gradients": lambda: (pool2d._pair_gradients, _f32(200),

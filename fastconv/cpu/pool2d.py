@@ -319,23 +319,24 @@ def _interior_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded):
 def _window_maxima(x, a, step, hv, hc, d, n, kw, coded):
     """hv[d + t] = the max of x[a + step*t + j], j < kw (2 or 3), in order, and hc[d + t] its
     j if ``coded``, for t < n (uint64 offsets; ``step`` a constant, so the loads vectorise)."""
+    zero, one, two = hc.dtype.type(0), hc.dtype.type(1), hc.dtype.type(2)
     if coded and kw == 3:
         for t in range(n):
             best = x[a + step * t]
-            code = 0
+            code = zero
             v = x[a + step * t + U1]
             if _wins(v, best):
-                best, code = v, 1
+                best, code = v, one
             v = x[a + step * t + U2]
             if _wins(v, best):
-                best, code = v, 2
+                best, code = v, two
             hv[d + t], hc[d + t] = best, code
     elif coded:
         for t in range(n):
             best = x[a + step * t]
             v = x[a + step * t + U1]
             take = _wins(v, best)
-            hv[d + t], hc[d + t] = (v if take else best), (1 if take else 0)
+            hv[d + t], hc[d + t] = (v if take else best), (one if take else zero)
     else:
         _max_of_runs(x, a, a + U1, a + U2, step, kw == 3, hv, d, n)
 
@@ -345,19 +346,22 @@ def _column_maxima(hv, hc, a, b, a2, y, code, o, n, kh, kw, coded):
     """y[o + t] = the max of hv[a + t], hv[b + t] and (kh == 3) hv[a2 + t], in that order;
     code[o + t] its tap in the window (every load unconditional: see _max_of_runs)."""
     a, b, a2, o = U64(a), U64(b), U64(a2), U64(o)
+    # The codes in hc's float lanes, as wide as the values' (integer codes were widened to
+    # 64-bit lanes by Numba's integer arithmetic: two vectors per 16 codes)
+    row1, row2 = hc.dtype.type(kw), hc.dtype.type(2 * kw)
     if coded and kh == 3:
         for t in range(U64(n)):
             best, c = hv[a + t], hc[a + t]
-            v, cv = hv[b + t], hc[b + t] + kw
+            v, cv = hv[b + t], hc[b + t] + row1
             take = _wins(v, best)
             best, c = (v if take else best), (cv if take else c)
-            v, cv = hv[a2 + t], hc[a2 + t] + 2 * kw
+            v, cv = hv[a2 + t], hc[a2 + t] + row2
             take = _wins(v, best)
             y[o + t], code[o + t] = (v if take else best), (cv if take else c)
     elif coded:
         for t in range(U64(n)):
             best, c = hv[a + t], hc[a + t]
-            v, cv = hv[b + t], hc[b + t] + kw
+            v, cv = hv[b + t], hc[b + t] + row1
             take = _wins(v, best)
             y[o + t], code[o + t] = (v if take else best), (cv if take else c)
     else:
@@ -385,7 +389,7 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
     for b in prange(blocks):
         prefer_wide_vectors()
         hv = np.empty(ring * span, dtype=x3.dtype)
-        hc = np.empty(ring * span, dtype=np.int32)  # a tap number beside each (32-bit) value
+        hc = np.empty(ring * span, dtype=np.float32)  # a tap number beside each value
         slot = np.empty(kh, dtype=np.int64)  # where window row i's maxima start in hv
         tag = np.full(ring, -1, dtype=np.int64)  # the input row (p*h + ih) each slot holds
         first, last = b * items // blocks, (b + 1) * items // blocks
