@@ -548,6 +548,15 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream)
     m0 = 1 if kw == 3 else pw
     m1 = max(m0, min(wo, (w - 2 + pw) // 2 + 1))
     lo, hi = 2 * m0 - pw, 2 * m1 - pw
+    # The columns outside [lo, hi), and the windows [ow0, ow1) holding each
+    edges = np.empty((max(0, lo) + max(0, w - hi), 3), dtype=np.int64)
+    e = 0
+    for part in range(2):
+        for c in range(0, lo) if part == 0 else range(hi, w):
+            u = c + pw
+            edges[e, 0], edges[e, 1] = c, max(0, (u - kw + 2) // 2)
+            edges[e, 2] = max(edges[e, 1], min(wo, u // 2 + 1))
+            e += 1
     rows = max(1, _STAGE // w)  # rows a stage holds
     ahead = max(1, _AHEAD_BYTES // (wo * gy.itemsize)) * wo  # elements of gy and code
     for b in prange(blocks):
@@ -578,18 +587,19 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream)
                         m = n
                     _pair_gradients(gy, code, stage, g0, g1, nk == 2, t0, t1, kw, m0, r0 + lo,
                                     m)
-                # The other columns after the interior's junk, window by window.
-                for part in range(2):
-                    for c in range(0, lo) if part == 0 else range(hi, w):
-                        u = c + pw
-                        v = zero
-                        for k in range(nk):
-                            g = (p * ho + cover_rows[ih, k]) * wo
-                            tk = cover_taps[ih, k] * kw
-                            for ow in range(max(0, (u - kw + 2) // 2), min(wo, u // 2 + 1)):
-                                if code[g + ow] == tk + u - 2 * ow:
-                                    v += gy[g + ow]
-                        stage[r0 + c] = v
+                # The other columns after the interior's junk, window by window (their
+                # windows from a table made once, not found by divisions per row:
+                # 32x64x112x112 3x3/s2 gradient 5.4-5.7 -> 5.3-5.4 ms).
+                for e in range(edges.shape[0]):
+                    c, ow0, ow1 = edges[e, 0], edges[e, 1], edges[e, 2]
+                    u = c + pw
+                    v = zero
+                    for k in range(nk):
+                        g, tk = (g0, t0) if k == 0 else (g1, t1)
+                        for ow in range(ow0, ow1):
+                            if code[g + ow] == tk + u - 2 * ow:
+                                v += gy[g + ow]
+                    stage[r0 + c] = v
             held += 1
             if held == rows or item + 1 == last:  # the stage is full, or the block done
                 start = (item + 1 - held) * w
