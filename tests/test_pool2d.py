@@ -214,7 +214,7 @@ def test_separable_max_pooling_is_the_tap_by_tap_kernel_bitwise(kw, pw, sw, dtyp
                         y = np.full((3, ho, wo), 9, dtype)
                         c = np.full((3, ho, wo), 99, np.uint8)
                         P._max_forward_pairs(x, y, c, mode, blocks, kh, kw, sh, sw, ph, pw,
-                                             dh)
+                                             dh, P._edge_windows(kw, sw, pw, w, wo))
                         case = (kh, sh, dh, ph, h, w, ceil, mode, blocks)
                         assert np.array_equal(y.view(bits), ref_y.view(bits)), case
                         if mode == P.WINDOW_INDICES:
@@ -246,7 +246,8 @@ def test_gathered_max_pool_gradient_is_the_scatter_bitwise(kw, pw, dtype):
                     continue
                 x = rng.integers(-2, 3, (3, h, w)).astype(dtype)
                 y, code = np.empty((3, ho, wo), dtype), np.empty((3, ho, wo), np.uint8)
-                P._max_forward_pairs(x, y, code, P.WINDOW_INDICES, 1, kh, kw, sh, 2, ph, pw, 1)
+                P._max_forward_pairs(x, y, code, P.WINDOW_INDICES, 1, kh, kw, sh, 2, ph, pw, 1,
+                                     P._edge_windows(kw, 2, pw, w, wo))
                 gy = rng.standard_normal((3, ho, wo)).astype(dtype)
                 gy[rng.random(gy.shape) < 0.2] = -0.0
                 ref, bad = np.empty((3, h, w), dtype), np.zeros(3, np.uint8)

@@ -278,25 +278,43 @@ def _max_of_runs(src, a0, a1, a2, step, three, dst, d, n):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _row_maxima(x, r0, w, hv, hc, h0, wo, kw, sw, pw, c0, c1, coded):
-    """hv[h0 + k] = max over window k's taps in the input row x[r0 : r0 + w] (kw in (2, 3),
-    stride sw in (1, 2), pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order.
-    The interior loop runs ``_padded`` iterations into padded scratch (junk past the row's
-    end), so the edge windows are computed after it."""
+def _row_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded, edges):
+    """hv[h0 + k] = max over window k's taps in the input row at x[r0] (kw in (2, 3), stride
+    sw in (1, 2), pw <= 1), hc[h0 + k] = the winning tap (0..kw-1); taps in order. The
+    interior loop runs ``_padded`` iterations into padded scratch (junk past the row's end),
+    so the edge windows (``edges``: see _edge_windows) are computed after it."""
     if c1 > c0:
         _interior_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded)
-    # The edge windows, after the interior loop's junk: taps outside the row skipped.
-    for part in range(2):
-        for k in range(0, c0) if part == 0 else range(c1, wo):
-            first = True
-            for j in range(kw):
-                c = k * sw - pw + j
-                if 0 <= c < w:
-                    v = x[r0 + c]
-                    if first or _wins(v, hv[h0 + k]):
-                        hv[h0 + k] = v
-                        hc[h0 + k] = j
-                    first = False
+    # Straight-line code, not a loop over the taps with a test for each: 3x3/s2/p1 forward,
+    # in cache, one thread, 0.47-0.51 -> 0.46-0.48 ns an input element with window codes,
+    # 0.38-0.41 -> 0.36-0.39 without.
+    for e in range(edges.shape[0]):
+        k, j0, j1 = edges[e, 0], edges[e, 1], edges[e, 2]
+        if j1 > j0:
+            a = r0 + k * sw - pw
+            best, tap = x[a + j0], j0
+            if j1 > j0 + 1:
+                v = x[a + j0 + 1]
+                take = _wins(v, best)
+                best, tap = (v if take else best), (j0 + 1 if take else tap)
+            if j1 > j0 + 2:
+                v = x[a + j0 + 2]
+                take = _wins(v, best)
+                best, tap = (v if take else best), (j0 + 2 if take else tap)
+            hv[h0 + k], hc[h0 + k] = best, tap
+
+
+def _edge_windows(kw, sw, pw, w, wo):
+    """Rows (k, j0, j1): the windows k outside _inside_windows' [c0, c1) and their taps
+    [j0, j1) inside a row of w columns (the others fall in the padding or past the row's
+    end)."""
+    c0, c1 = _inside_windows(kw, sw, pw, w, wo)
+    ks = [k for k in range(wo) if not c0 <= k < c1]
+    edges = np.empty((len(ks), 3), dtype=np.int64)
+    for e, k in enumerate(ks):
+        start = k * sw - pw
+        edges[e] = k, max(0, -start), max(max(0, -start), min(kw, w - start))
+    return edges
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -369,13 +387,13 @@ def _column_maxima(hv, hc, a, b, a2, y, code, o, n, kh, kw, coded):
 
 
 @njit(cache=True, parallel=True)
-def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
+def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh, edges):
     """Max pooling, separable, for 2- or 3-wide windows at column stride sw = 1 or 2 (no
     column dilation), without indices or with window codes (``mode``): the max of each window's
     taps in each input row once (``_row_maxima``), kept in a ring of scratch rows while later
     output rows reuse it, then the max of those over each window's rows. Rows outer, columns
     inner, as the tap-by-tap kernel scans, so ties, NaN and the codes come out the same.
-    Work items: (plane, output row), as in _max_forward."""
+    Work items: (plane, output row), as in _max_forward. ``edges``: _edge_windows."""
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
     x, y = x3.reshape(-1), y3.reshape(-1)
@@ -406,8 +424,8 @@ def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh):
                 if tag[s] != p * h + ih:
                     if (p * h + ih + ahead + 1) * w <= x.size:
                         prefetch_run(x, (p * h + ih + ahead) * w, w)
-                    _row_maxima(x, (p * h + ih) * w, w, hv, hc, s * span, wo, kw, sw, pw, c0,
-                                c1, coded)
+                    _row_maxima(x, (p * h + ih) * w, hv, hc, s * span, kw, sw, pw, c0, c1,
+                                coded, edges)
                     tag[s] = p * h + ih
                 slot[i] = s * span
                 inside += 1
@@ -1129,7 +1147,7 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "fl
                                                       params.padding, params.dilation)
             if mode != FLAT_INDICES and kw in (2, 3) and sw in (1, 2) and dw == 1:
                 _max_forward_pairs(xn, y3, idx3, mode, _blocks(n * c * ho), kh, kw, sh, sw, ph,
-                                   pw, dh)
+                                   pw, dh, _edge_windows(kw, sw, pw, w, wo))
             else:
                 _max_forward(xn, y3, idx3, mode, xn.dtype.type(lowest), _blocks(n * c * ho),
                              kh, kw, sh, sw, ph, pw, dh, dw)
