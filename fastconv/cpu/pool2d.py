@@ -550,6 +550,21 @@ def _pair_gradients(gy, code, gx, g0, g1, two, t0, t1, kw, s0, d0, n):
             gx[d + U2 * t], gx[d + U2 * t + U1] = e, o
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _stage_row_made(gx, stage, item, last, held, rows, w, stream):
+    """Input row ``item`` (of w columns) is made in the stage, after ``held`` others: when
+    the stage holds ``rows`` rows or the block ends at ``last``, they leave for gx, by
+    streaming stores if ``stream``, else by plain copies. Returns the rows the stage holds."""
+    held += 1
+    if held < rows and item + 1 < last:
+        return held
+    if stream:
+        stream_run(gx, (item + 1 - held) * w, stage, 0, held * w)
+    else:
+        copy_at(gx, (item + 1 - held) * w, stage, 0, held * w)
+    return 0
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream):
     """gx3 (P, H, W) = the gradient of the window codes code3 (P, Ho, Wo), for 2- or 3-wide
@@ -627,14 +642,7 @@ def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream)
                     if nk == 2 and cnt > 1:
                         v += gy[g1 + ow + 1] if code[g1 + ow + 1] == t1 + tap - 2 else zero
                     stage[r0 + c] = v
-            held += 1
-            if held == rows or item + 1 == last:  # the stage is full, or the block done
-                start = (item + 1 - held) * w
-                if stream:
-                    stream_run(gx, start, stage, 0, held * w)
-                else:
-                    copy_at(gx, start, stage, 0, held * w)
-                held = 0
+            held = _stage_row_made(gx, stage, item, last, held, rows, w, stream)
             ih += 1
             if ih == h:
                 p, ih = p + 1, 0
@@ -1063,10 +1071,8 @@ def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors, stream
                     v = zero + gy[src + t] / _divisor(gx, row_factor, col_factors[U64(c0) + t])
                     out[dst + U2 * t] = v
                     out[dst + U2 * t + U1] = v
-            held += 1
-            if stream and (held == rows or item + 1 == last):
-                stream_run(gx, (item + 1 - held) * w, stage, 0, held * w)
-                held = 0
+            if stream:
+                held = _stage_row_made(gx, stage, item, last, held, rows, w, True)
         if stream:
             stream_fence()
 
@@ -1106,6 +1112,11 @@ def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_includ
 # 11.8. (Not the stride-1 max pooling gradient, _max_backward_s1: compute-bound, it lost more
 # to a stage's copy than the stores saved, 64x56x56 3x3/s1 at batch 32 4.5-4.8 -> 4.9-5.3 ms.)
 _STREAM_BYTES = 12 << 20
+
+
+def _streamed(gx: torch.Tensor) -> bool:
+    """Does gradient ``gx`` leave its kernel by streaming stores (see _STREAM_BYTES)?"""
+    return gx.numel() * gx.element_size() >= _STREAM_BYTES
 
 
 def _blocks(items: int) -> int:
@@ -1205,7 +1216,7 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
                     _max_backward_s1(gy3, idx3, gx3, _blocks(n * c * h), kh, kw, ph, pw, dh, dw)
                 else:
                     _max_backward_pairs(gy3, idx3, gx3, _blocks(n * c * h), kh, kw, sh, ph, pw,
-                                        dh, gx.numel() * gx.element_size() >= _STREAM_BYTES)
+                                        dh, _streamed(gx))
         else:
             with parallel_region(n * c):
                 _max_backward(gy3, idx3, gx3, window, *_window_taps(params), sh, sw, ph, pw,
@@ -1267,7 +1278,7 @@ def avg_pool2d_backward(grad_out: torch.Tensor, input_shape, params: Pool2dParam
             if params.kernel == params.stride == (2, 2):
                 _avg_backward_2x2(_planes(grad_out), gx.numpy().reshape(-1, h, w),
                                   _blocks(n * c * h), *params.padding, *factors,
-                                  gx.numel() * gx.element_size() >= _STREAM_BYTES)
+                                  _streamed(gx))
             else:
                 _avg_backward(_planes(grad_out), gx.numpy().reshape(-1, h, w),
                               _blocks(n * c * h), *params.kernel, *params.stride,
