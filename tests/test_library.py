@@ -50,6 +50,7 @@ def _samples(device, dtype, layout):
         (ops.max_pool2d, (px.detach(), *pool, "none")),
         (ops.max_pool2d_backward, (t(*out.shape, seed=5), idx, [9, 8], *pool)),
         (ops.max_pool2d_backward, (t(*out.shape, seed=5), code, [9, 8], *pool)),
+        (ops.max_pool2d_backward, (t(*out.shape, seed=5), code, [9, 8], *pool, False)),
         (ops.max_pool2d_double_backward, (t(*px.shape, seed=6), idx, *pool)),
         (ops.max_pool2d_double_backward, (t(*px.shape, seed=6), code, *pool)),
         (ops.avg_pool2d, (px, *avg)),

@@ -388,6 +388,41 @@ def test_pooling_operators_refuse_indices_not_made_by_max_pool2d():
         ops.max_pool2d(ggx, *pool, "all")
 
 
+@pytest.mark.parametrize("pool, gather", [([[3, 3], [2, 2], [1, 1], [1, 1], False], True),
+                                          ([[3, 3], [1, 1], [1, 1], [1, 1], False], True),
+                                          ([[2, 3], [1, 2], [0, 1], [2, 1], True], False)])
+def test_max_pool2d_gradient_checks_only_indices_it_did_not_make(pool, gather, monkeypatch):
+    """The operator checks window indices it is given, in a pass of its own before its gather
+    kernels; max pooling's autograd formula, whose indices the forward made (autograd refuses
+    them once changed), skips that pass. Unchecked indices naming no tap give no gradient and
+    touch nothing outside the operands. The scatter checks as it writes, always."""
+    from fastconv.cpu import pool2d as engine
+
+    ops = torch.ops.fastconv
+    calls = []
+    check = engine._bad_window_codes
+    monkeypatch.setattr(engine, "_bad_window_codes", lambda *a: calls.append(1) or check(*a))
+    x = torch.randn(2, 3, 11, 10, requires_grad=True)
+    y, code = ops.max_pool2d(x, *pool, "window")
+    grad = torch.randn_like(y)
+    checked = ops.max_pool2d_backward(grad, code, [11, 10], *pool)
+    assert len(calls) == gather
+    (ours,) = torch.autograd.grad(y, x, grad)
+    assert torch.equal(ours, checked) and len(calls) == gather
+    nowhere = torch.full_like(code, 255)
+    for check_indices in (True, False):
+        if check_indices or not gather:
+            with pytest.raises(ValueError, match="taps outside the input"):
+                ops.max_pool2d_backward(grad, nowhere, [11, 10], *pool, check_indices)
+        else:
+            assert torch.equal(ops.max_pool2d_backward(grad, nowhere, [11, 10], *pool, False),
+                               torch.zeros(2, 3, 11, 10))
+    y, code = ops.max_pool2d(x, *pool, "window")
+    code[0, 0, 0, 0] = 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
 def test_max_pool2d_integer_dtypes(dtype):
     x = torch.randint(0, 100, (2, 3, 7, 9)).to(dtype)

@@ -1193,9 +1193,12 @@ def _check_indices(bad: np.ndarray, op: str, window: bool) -> None:
 
 @float32_for_half
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
-                        params: Pool2dParams) -> torch.Tensor:
+                        params: Pool2dParams, check_indices: bool = True) -> torch.Tensor:
     """grad_out (N, C, Ho, Wo) and indices (N, C, Ho, Wo), flat (int64) or window ones ->
-    grad_input (N, C, H, W)."""
+    grad_input (N, C, H, W). Indices naming no input element raise, but for window indices
+    with ``check_indices`` False (for the forward's own): the gather kernels take no address
+    from them, so an index naming no input element may give a wrong gradient but reads and
+    writes nothing outside the operands. The scatter checks each index as it writes."""
     n, c, h, w = input_shape
     gx = _runtime.empty(tuple(input_shape), grad_out.dtype)
     if gx.numel():
@@ -1207,10 +1210,11 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_sha
                                                   params.dilation)
         if window and (sh == sw == 1 or (kw in (2, 3) and sw == 2 and dw == 1 and dh == 1
                                          and kh <= 2 * sh)):
-            with parallel_region(n * c):
-                _bad_window_codes(idx3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, *_window_taps(params),
-                                  *windows_ok, bad)
-            _check_indices(bad, "max_pool2d_backward", window)
+            if check_indices:
+                with parallel_region(n * c):
+                    _bad_window_codes(idx3, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
+                                      *_window_taps(params), *windows_ok, bad)
+                _check_indices(bad, "max_pool2d_backward", window)
             with parallel_region(n * c * h):
                 if sh == sw == 1:
                     _max_backward_s1(gy3, idx3, gx3, _blocks(n * c * h), kh, kw, ph, pw, dh, dw)

@@ -73,8 +73,10 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "fl
 
 
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
-                        params: Pool2dParams) -> torch.Tensor:
-    """grad_out and indices (N, C, Ho, Wo) -> grad of input, ``input_shape``."""
+                        params: Pool2dParams, check_indices: bool = True) -> torch.Tensor:
+    """grad_out and indices (N, C, Ho, Wo) -> grad of input, ``input_shape``. The kernel
+    gathers, reading no address from the indices; one naming no input element adds nothing
+    (not checked on the GPU, whatever ``check_indices`` says)."""
     grad_out, indices = grad_out.contiguous(), indices.contiguous()
     gx = L.empty(input_shape, grad_out)
     return _run("max_pool2d_backward", gx,
