@@ -52,7 +52,7 @@ from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
 from ._microkernel import copy_run, tile_fma, transpose_block
-from ._window import U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
+from ._window import U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
 # Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
@@ -121,25 +121,29 @@ def _phase_planes(x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
         for c in range(cin):
             _pad_plane(x3[c], xq[c], pt, pl)
         return xq
+    # Flat offsets, not a view per row: these rows are short (29 columns for a 3x3/s2 layer
+    # on 56x56), and views and slices cost more per row than the copy.
+    src, dst = x3.reshape(-1), xq.reshape(-1)
     for c in range(cin):
         for a in range(sh):
-            for b in range(sw):
-                plane = xq[(c * sh + a) * sw + b]
-                lo, hi = col_range(pl - b, sw, w, wq)
-                for r in range(hq):
-                    row = plane[r]
-                    ih = r * sh + a - pt
+            for r in range(hq):
+                ih = r * sh + a - pt
+                for b in range(sw):
+                    d = (((c * sh + a) * sw + b) * hq + r) * wq
                     if ih < 0 or ih >= h:
-                        fill(row, 0)
+                        fill_at(dst, d, wq, 0)
                         continue
-                    src = x3[c, ih]
-                    fill(row[:lo], 0)
-                    if sw == 2:
-                        _gather_pairs(row[lo:hi], src[lo * 2 - (pl - b):])
+                    lo, hi = col_range(pl - b, sw, w, wq)
+                    fill_at(dst, d, lo, 0)
+                    s0 = U64((c * h + ih) * w + lo * sw - (pl - b))
+                    d0 = U64(d + lo)
+                    if sw == 2:  # the stride a literal: interleaved vector loads
+                        for q in range(U64(hi - lo)):
+                            dst[d0 + q] = src[s0 + U2 * q]
                     else:
-                        for q in range(lo, hi):
-                            row[q] = src[q * sw - (pl - b)]
-                    fill(row[hi:], 0)
+                        for q in range(U64(hi - lo)):
+                            dst[d0 + q] = src[s0 + U64(sw) * q]
+                    fill_at(dst, d + hi, wq - hi, 0)
     return xq
 
 
