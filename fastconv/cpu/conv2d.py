@@ -103,14 +103,6 @@ def _im2col_wide(xq3, col, kh, kw, sh, sw, dh, dw, base, span):
 
 
 @njit(cache=True, nogil=True)
-def _gather_pairs(dst, src):
-    """dst[k] = src[2*k] for k < len(dst): the stride a literal, so LLVM vectorises the
-    reads as interleaved loads."""
-    for k in range(dst.shape[0]):
-        dst[k] = src[2 * k]
-
-
-@njit(cache=True, nogil=True)
 def _phase_planes(x3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     """(C*sH*sW, Hq, Wq): plane (c*sH + a)*sW + b holds padded rows a + r*sH, columns
     b + s*sW of channel c (input x3[c, a + r*sH - pt, b + s*sW - pl], 0 outside)."""

@@ -9,10 +9,11 @@ Operators (``torch.ops.fastconv.<name>``), batched (N, C, H, W), options as pair
   memory traffic) or "none" (an empty tensor in their place);
 * ``max_pool2d_backward(grad_output, indices, input_size, ..., check_indices=True)``: a
   scatter to the argmax, from flat or window indices. The CPU engine refuses indices that name
-  no input element; ``check_indices=False`` skips that check for window indices (its gather
-  kernels take no address from them: such an index can make a wrong gradient, never a stray
-  read or write), as max pooling's own autograd formula does: its indices come from the
-  forward, and autograd's version counter refuses them if changed since;
+  no input element. ``check_indices=False`` skips that check where the kernel gathers (window
+  indices, on the geometries that have a gather kernel; it takes no address from them, so
+  such an index can make a wrong gradient, never a stray read or write), as max pooling's own
+  autograd formula does: its indices come from the forward, and autograd's version counter
+  refuses them if changed since;
 * ``max_pool2d_double_backward(grad_grad_input, indices, ...)``: its adjoint, a gather at the
   argmax, which makes max pooling differentiable to any order;
 * ``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -144,7 +145,7 @@ def _max_forward_backward(ctx, grad, _grad_indices):
                            "gradient needs the indices ('window' or 'flat')")
     (indices,) = ctx.saved_tensors
     # The forward made these indices (a change since would fail autograd's version check):
-    # no need to check them again (0.4-0.5 ms of a 32x64x112x112 3x3/s2 backward's 5-6).
+    # no need to check them again (32x64x112x112 3x3/s2 forward+backward 13.5 -> 12.8 ms).
     return (ops.max_pool2d_backward(grad, indices, ctx.input_size, *ctx.options, False),
             None, None, None, None, None, None)
 
