@@ -32,6 +32,13 @@ class DeviceError(ValueError, RuntimeError):
     NotImplementedError.)"""
 
 
+def bad_pool_indices(op: str, window: bool) -> ArgumentError:
+    """The error for max pooling indices that name no input element (both engines)."""
+    what = ("window indices name taps outside the input" if window
+            else "indices hold values outside [0, H*W) of the input plane")
+    return ArgumentError(f"{op}: {what}; pass the indices max_pool2d returned")
+
+
 def _is_int(value) -> bool:
     # bool is an Integral but stride=True is always a mistake. The exact-type test first:
     # an ABC isinstance costs ~1 us, and a conv call checks a dozen ints.

@@ -144,6 +144,38 @@ __global__ void max_pool2d_backward(const T* __restrict__ gy, const Arg* __restr
     }
 }
 
+// *bad = 1 if some window that holds an input element has an index naming no input element:
+// flat, outside [0, H*W); window, a tap number outside [0, kh*kw) or a tap in the padding.
+// The gather kernels skip such an index (they never write through one), so without this check
+// it would be a silent wrong gradient. Every thread that finds one stores the same 1: no
+// atomics needed. T is the gradient's type, which only picks the module.
+template <typename T, typename Index, typename Arg>
+__global__ void max_pool2d_bad_indices(const Arg* __restrict__ indices, int* __restrict__ bad,
+                                       PoolGeometry g) {
+    const Index total = (Index)g.planes * g.ho * g.wo;
+    for (Index e = global_thread_index<Index>(); e < total; e += grid_stride<Index>()) {
+        const PlanePos<Index> at = plane_pos(e, g.ho, g.wo);
+        if (!window_holds_input(at.y, g.h, g.kh, g.sh, g.ph, g.dh) ||
+            !window_holds_input(at.x, g.w, g.kw, g.sw, g.pw, g.dw))
+            continue;  // sends no gradient: its index is never read
+        bool wrong;
+        if constexpr (ArgKind<Arg>::flat) {
+            const long long i = indices[e];
+            wrong = i < 0 || i >= (long long)g.h * g.w;
+        } else {
+            const int t = (int)indices[e];
+            if (t < 0 || t >= g.kh * g.kw) {
+                wrong = true;
+            } else {
+                const int iy = at.y * g.sh - g.ph + (t / g.kw) * g.dh;
+                const int ix = at.x * g.sw - g.pw + (t % g.kw) * g.dw;
+                wrong = iy < 0 || iy >= g.h || ix < 0 || ix >= g.w;
+            }
+        }
+        if (wrong) *bad = 1;
+    }
+}
+
 // ggy (planes, Ho, Wo) = ggx (planes, H, W) gathered at the forward's indices: the gradient of
 // max_pool2d_backward with respect to its gy (double backward). A window wholly in the padding
 // sent its gradient nowhere, so it gets 0; so does an index naming no input element (never

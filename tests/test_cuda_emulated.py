@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from torch.autograd import gradgradcheck
 from test_conv2d import conv_cases
 from test_conv_transpose2d import transpose_cases
-from test_pool2d import pool_cases
+from test_pool2d import bad_indices, pool_cases
 
 import fastconv
 from fastconv import _args
@@ -220,6 +220,38 @@ def test_pooling_half_precision(emulator, dtype, opts):
     ty, tidx = F.max_pool2d(xh, return_indices=True, **opts)
     assert torch.equal(idx, tidx)
     assert torch.equal(y.nan_to_num(), ty.nan_to_num()) and torch.equal(y.isnan(), ty.isnan())
+
+
+def test_pooling_gradients_refuse_indices_not_made_by_max_pool2d(emulator):
+    """The GPU's gather kernels would skip an index naming no input element; the operators
+    check first and raise as the CPU's do, but where told the indices are the forward's own."""
+    ops = torch.ops.fastconv
+    pool = [[3, 3], [2, 2], [1, 1], [1, 1], False]
+    ggx, grad = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 5, 5)
+    bad = bad_indices()
+    # Unchecked, a skipped index adds nothing, as on the CPU (the all-zero codes' windows
+    # away from the padding name real taps).
+    cpu = [ops.max_pool2d_backward(grad, idx, [9, 9], *pool, False) for idx, _ in bad[1:]]
+    with cuda_engine_on_cpu(emulator):
+        for i, (idx, words) in enumerate(bad):
+            with pytest.raises(ValueError, match=words):
+                ops.max_pool2d_backward(grad, idx, [9, 9], *pool)
+            with pytest.raises(ValueError, match=words):
+                ops.max_pool2d_double_backward(ggx, idx, *pool)
+            unchecked = ops.max_pool2d_backward(grad, idx, [9, 9], *pool, False)
+            assert torch.equal(unchecked, cpu[i - 1] if i else torch.zeros(1, 2, 9, 9))
+        # One bad code among the forward's own, past the input's bottom right corner; the
+        # autograd formula, unchecked, matches PyTorch.
+        x = torch.randn(2, 3, 9, 9, requires_grad=True)
+        g = torch.randn(2, 3, 5, 5)
+        y, code = ops.max_pool2d(x, *pool, "window")
+        ops.max_pool2d_backward(g, code, [9, 9], *pool)
+        (ours,) = torch.autograd.grad(y, x, g)
+        code = code.clone()
+        code[1, 2, 4, 4] = 8  # tap (2, 2) of window (4, 4): row and column 9
+        with pytest.raises(ValueError, match="taps outside the input"):
+            ops.max_pool2d_backward(g, code, [9, 9], *pool)
+    assert torch.equal(ours, torch.autograd.grad(F.max_pool2d(x, 3, 2, 1), x, g)[0])
 
 
 # ---- the harness and the instantiation list ------------------------------------------------

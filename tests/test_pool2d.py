@@ -358,16 +358,21 @@ def test_window_missing_the_input(return_indices):
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+def bad_indices():
+    """(indices, error words) for 3x3/s2/p1 max pooling of (1, 2, 9, 9): flat indices outside
+    the plane, window indices beyond the window or naming a tap in the padding."""
+    return [(torch.full((1, 2, 5, 5), 81), "outside \\[0, H\\*W\\)"),
+            (torch.full((1, 2, 5, 5), 9, dtype=torch.uint8), "taps outside the input"),
+            (torch.zeros(1, 2, 5, 5, dtype=torch.uint8), "taps outside the input")]  # padding
+
+
 def test_pooling_operators_refuse_indices_not_made_by_max_pool2d():
-    """Flat indices outside the plane, window indices beyond the window or naming a tap in the
-    padding: a clear error from backward and double backward, never a stray write."""
+    """Indices naming no input element (bad_indices): a clear error from backward and double
+    backward, never a stray write."""
     ops = torch.ops.fastconv
     pool = [[3, 3], [2, 2], [1, 1], [1, 1], False]
     ggx, grad = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 5, 5)
-    bad = [(torch.full((1, 2, 5, 5), 81), "outside \\[0, H\\*W\\)"),
-           (torch.full((1, 2, 5, 5), 9, dtype=torch.uint8), "taps outside the input"),
-           (torch.zeros(1, 2, 5, 5, dtype=torch.uint8), "taps outside the input")]  # padding
-    for idx, words in bad:
+    for idx, words in bad_indices():
         with pytest.raises(ValueError, match=words):
             ops.max_pool2d_backward(grad, idx, [9, 9], *pool)
         with pytest.raises(ValueError, match=words):

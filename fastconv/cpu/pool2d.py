@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .._args import ArgumentError, Pool2dParams
+from .._args import Pool2dParams, bad_pool_indices
 from . import _runtime
 from ._microkernel import prefer_wide_vectors, prefetch_run, stream_fence, stream_run
 from ._runtime import engine_threads, float32_for_half, parallel_region
@@ -1186,9 +1186,7 @@ def _window_taps(params: Pool2dParams):
 
 def _check_indices(bad: np.ndarray, op: str, window: bool) -> None:
     if bad.any():
-        what = ("window indices name taps outside the input" if window
-                else "indices hold values outside [0, H*W) of the input plane")
-        raise ArgumentError(f"{op}: {what}; pass the indices max_pool2d returned")
+        raise bad_pool_indices(op, window)
 
 
 @float32_for_half

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._args import Pool2dParams
+from .._args import Pool2dParams, bad_pool_indices
 from . import _launch as L
 
 GEOMETRY = np.dtype([(name, np.int32) for name in (
@@ -32,6 +32,7 @@ def _instantiations(dtype):
     for index in L.INDEX_TYPES:
         for arg in _ARG_TYPES.values():
             if arg != "void":
+                yield L.expr("max_pool2d_bad_indices", t, index, arg)
                 yield L.expr("max_pool2d_backward", t, index, arg)
                 yield L.expr("max_pool2d_double_backward", t, index, arg)
             yield L.expr("max_pool2d_forward", t, index, arg)
@@ -72,26 +73,45 @@ def max_pool2d_forward(x: torch.Tensor, params: Pool2dParams, indices: str = "fl
     return y, idx
 
 
+def _check_indices(indices: torch.Tensor, like: torch.Tensor, geometry: np.ndarray,
+                   op: str) -> None:
+    """Raise if ``indices`` (N, C, Ho, Wo) name no input element where a window holds one
+    (see max_pool2d_bad_indices); ``like``, the gradient, picks the kernel module. Reads one
+    flag back: a device sync."""
+    bad = L.empty((1,), like, torch.int32).zero_()
+    L.launch_over("pool2d", like, L.expr("max_pool2d_bad_indices", L.CTYPES[like.dtype],
+                                         L.index_type(indices), _ARG_TYPES[indices.dtype]),
+                  indices.numel(), (indices, bad, geometry))
+    if bad.item():
+        raise bad_pool_indices(op, indices.dtype != torch.int64)
+
+
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_shape,
                         params: Pool2dParams, check_indices: bool = True) -> torch.Tensor:
     """grad_out and indices (N, C, Ho, Wo) -> grad of input, ``input_shape``. The kernel
-    gathers, reading no address from the indices; one naming no input element adds nothing
-    (not checked on the GPU, whatever ``check_indices`` says)."""
+    gathers, taking no address from the indices, so one naming no input element would just
+    be skipped: they are checked first (a kernel and a sync), unless ``check_indices`` is
+    False (for the forward's own, as max pooling's autograd formula passes them)."""
     grad_out, indices = grad_out.contiguous(), indices.contiguous()
     gx = L.empty(input_shape, grad_out)
-    return _run("max_pool2d_backward", gx,
-                (grad_out, indices, gx, _geometry(input_shape, grad_out.shape[2:], params)),
+    geometry = _geometry(input_shape, grad_out.shape[2:], params)
+    if check_indices and indices.numel():
+        _check_indices(indices, grad_out, geometry, "max_pool2d_backward")
+    return _run("max_pool2d_backward", gx, (grad_out, indices, gx, geometry),
                 (_ARG_TYPES[indices.dtype],))
 
 
 def max_pool2d_double_backward(grad_grad_input: torch.Tensor, indices: torch.Tensor,
                                params: Pool2dParams) -> torch.Tensor:
     """grad_grad_input (N, C, H, W), indices (N, C, Ho, Wo) -> (N, C, Ho, Wo): the gradient of
-    max_pool2d_backward with respect to its grad_out (a gather at the argmax)."""
+    max_pool2d_backward with respect to its grad_out (a gather at the argmax). Indices naming
+    no input element raise, as max_pool2d_backward's do."""
     ggx, indices = grad_grad_input.contiguous(), indices.contiguous()
     out = L.empty(tuple(indices.shape), ggx)
-    return _run("max_pool2d_double_backward", out,
-                (ggx, indices, out, _geometry(ggx.shape, indices.shape[2:], params)),
+    geometry = _geometry(ggx.shape, indices.shape[2:], params)
+    if indices.numel():
+        _check_indices(indices, ggx, geometry, "max_pool2d_double_backward")
+    return _run("max_pool2d_double_backward", out, (ggx, indices, out, geometry),
                 (_ARG_TYPES[indices.dtype],))
 
 

@@ -8,12 +8,12 @@ Operators (``torch.ops.fastconv.<name>``), batched (N, C, H, W), options as pair
   window, uint8 up to 256 taps else int32: all the gradient needs, at an eighth of the
   memory traffic) or "none" (an empty tensor in their place);
 * ``max_pool2d_backward(grad_output, indices, input_size, ..., check_indices=True)``: a
-  scatter to the argmax, from flat or window indices. The CPU engine refuses indices that name
-  no input element. ``check_indices=False`` skips that check where the kernel gathers (window
-  indices, on the geometries that have a gather kernel; it takes no address from them, so
-  such an index can make a wrong gradient, never a stray read or write), as max pooling's own
-  autograd formula does: its indices come from the forward, and autograd's version counter
-  refuses them if changed since;
+  scatter to the argmax, from flat or window indices. Indices that name no input element are
+  refused. ``check_indices=False`` skips that check where the kernel gathers (on the GPU
+  always; on the CPU for window indices on the geometries with a gather kernel: it takes no
+  address from them, so such an index can make a wrong gradient, never a stray read or
+  write), as max pooling's own autograd formula does: its indices come from the forward, and
+  autograd's version counter refuses them if changed since;
 * ``max_pool2d_double_backward(grad_grad_input, indices, ...)``: its adjoint, a gather at the
   argmax, which makes max pooling differentiable to any order;
 * ``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
