@@ -537,6 +537,7 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
     ((1, 8, 40, 37), (8, 8, 3, 3), dict(padding=1)),       # weight gradient: a short last chunk
     ((2, 8, 13, 12), (8, 8, 3, 3), dict(padding=2, dilation=2)),   # dilation: 4 phases
     ((1, 8, 16, 11), (8, 8, 3, 3), dict(padding=(3, 1), dilation=(3, 2))),  # uneven phases
+    ((2, 8, 15, 19), (8, 8, 3, 3), dict(padding=(2, 1), dilation=(2, 1))),  # row phases only
     ((1, 8, 7, 9), (8, 8, 3, 3), dict(padding=(4, 4), dilation=(5, 4))),    # phases of 1 row
     # weight gradient: whole images per GEMM chunk, groups of 2 and 3 over 4 phases each
     ((5, 8, 9, 10), (8, 8, 3, 3), dict(padding=2, dilation=2)),

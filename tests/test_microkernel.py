@@ -1,6 +1,8 @@
 """The CPU engine's IR kernels (``fastconv.cpu._microkernel``): the register-blocked FMA tile,
 every (t, v) case against a float64 sum, nothing written outside the tile, the generated
-loop keeping its accumulators in registers; the short-run copy and the block transpose."""
+loop keeping its accumulators in registers; the short-run copy and the block transpose; the
+Winograd transform bands against the same arithmetic in NumPy, bit for bit, reading nothing
+outside their rows and writing nothing outside their tiles."""
 
 import platform
 import re
@@ -12,7 +14,8 @@ import pytest
 from fastconv.cpu import _microkernel
 from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
                                        prefetch_run, stream_fence, stream_run, tile_fma,
-                                       transpose_block)
+                                       transpose_block, winograd_grad_band,
+                                       winograd_input_band, winograd_output_band)
 from helpers import AVX512_FEATURES, run_for_target
 
 
@@ -259,3 +262,129 @@ def test_256_bit_build_of_the_tiles(tmp_path):
         print("ok")
     """, tmp_path, "haswell", timeout=600)
     assert out.strip().endswith("ok")
+
+
+# ---- Winograd transform bands. Each test surrounds the rows a band may read with NaN (a read
+# past a mask would leak it into the result) and its output with a sentinel (a store past a
+# mask would overwrite it), on band lengths around the vector width.
+@numba.njit
+def _input_band(x, r, left, w, vf, base, stride, n):
+    winograd_input_band(x, r[0], r[1], r[2], r[3], left, w, vf, base, stride, n)
+
+
+@numba.njit
+def _grad_band(g, r0, r1, count, uf, base, stride, n):
+    winograd_grad_band(g, r0, r1, count, uf, base, stride, n)
+
+
+@numba.njit
+def _output_band(mf, base, stride, y, top, bottom, count, bias, n):
+    winograd_output_band(mf, base, stride, y, top, bottom, count, bias, n)
+
+
+def _band_lengths(dtype):
+    n = lanes(dtype)
+    return [1, 2, n - 1, n, n + 1, 2 * n + 3]
+
+
+def _rows_in_nan(rng, dtype, w, count):
+    """(flat array, offsets): ``count`` rows of ``w`` values apart, NaN around and between."""
+    gap = 3 * lanes(dtype) + 5
+    x = np.full(gap + count * (w + gap), np.nan, dtype)
+    offs = [gap + a * (w + gap) for a in range(count)]
+    for o in offs:
+        x[o:o + w] = rng.standard_normal(w).astype(dtype)
+    return x, offs
+
+
+def _planes_out(dtype, n, base=5):
+    """(sentinel-filled flat planes, base, stride) for 16 planes of n tiles."""
+    stride = n + 3
+    return np.full(base + 16 * stride + 2 * lanes(dtype), 7.5, dtype), base, stride
+
+
+def _check_planes(vf, base, stride, n, want):
+    got = np.stack([vf[base + k * stride:base + k * stride + n] for k in range(16)])
+    assert np.array_equal(got, want)
+    mask = np.ones(vf.size, bool)
+    for k in range(16):
+        mask[base + k * stride:base + k * stride + n] = False
+    assert (vf[mask] == 7.5).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_input_band_is_the_transform_of_its_patches(dtype):
+    """Element k of B^T d B per tile, d read from four rows (or zero rows) at a column
+    offset that starts in the padding, ends past the row, or neither."""
+    rng = np.random.default_rng(11)
+    for n in _band_lengths(dtype):
+        for w, left in [(2 * n + 2, 0), (2 * n, -1), (2 * n - 1, -2), (n + 3, 1), (1, -1)]:
+            x, offs = _rows_in_nan(rng, dtype, w, 4)
+            for rows in (offs, [offs[0], -1, offs[2], -1], [-1, -1, -1, offs[3]]):
+                vf, base, stride = _planes_out(dtype, n)
+                _input_band(x, np.array(rows, np.int64), left, w, vf, base, stride, n)
+                d = np.zeros((4, n, 4), dtype)  # patch row a, tile t, column b
+                for a, r in enumerate(rows):
+                    for t in range(n):
+                        for b in range(4):
+                            c = left + 2 * t + b
+                            if r >= 0 and 0 <= c < w:
+                                d[a, t, b] = x[r + c]
+                rows_bd = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+                want = np.concatenate([np.stack([e[:, 0] - e[:, 2], e[:, 1] + e[:, 2],
+                                                 e[:, 2] - e[:, 1], e[:, 1] - e[:, 3]])
+                                       for e in rows_bd])
+                _check_planes(vf, base, stride, n, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_grad_band_is_the_transform_of_its_tiles(dtype):
+    """Element k of A H A^T per tile, H's two rows (the second may be missing) read up to
+    ``count`` columns, zeros after."""
+    rng = np.random.default_rng(12)
+    for n in _band_lengths(dtype):
+        for count in (2 * n, 2 * n - 1, max(1, 2 * n - 4)):
+            g, offs = _rows_in_nan(rng, dtype, count, 2)
+            for r1 in (offs[1], -1):
+                uf, base, stride = _planes_out(dtype, n)
+                _grad_band(g, offs[0], r1, count, uf, base, stride, n)
+                h = np.zeros((2, 2, n), dtype)  # row, column e, tile
+                for i, r in enumerate((offs[0], r1)):
+                    for t in range(n):
+                        for e in range(2):
+                            if r >= 0 and 2 * t + e < count:
+                                h[i, e, t] = g[r + 2 * t + e]
+                (h00, h01), (h10, h11) = h
+                rows = [(h00, h01), (h00 + h10, h01 + h11), (h00 - h10, h01 - h11), (-h10, -h11)]
+                want = np.concatenate([np.stack([x0, x0 + x1, x0 - x1, -x1]) for x0, x1 in rows])
+                _check_planes(uf, base, stride, n, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_output_band_writes_its_columns_only(dtype):
+    """bias + A^T M A per tile into one or two output rows, columns up to ``count`` (odd:
+    the last tile's left column only), reading only the band's tiles of each plane."""
+    rng = np.random.default_rng(13)
+    for n in _band_lengths(dtype):
+        for count in (2 * n, 2 * n - 1):
+            stride = n + 4
+            mf = np.full(3 + 16 * stride + 2 * lanes(dtype), np.nan, dtype)
+            m = rng.standard_normal((16, n)).astype(dtype)
+            for k in range(16):
+                mf[3 + k * stride:3 + k * stride + n] = m[k]
+            bias = dtype(rng.standard_normal())
+            for two_rows in (True, False):
+                y = np.full(2 * count + 40, 7.5, dtype)
+                top, bottom = 10, count + 25
+                _output_band(mf, 3, stride, y, top, bottom if two_rows else -1, count, bias, n)
+                s0 = [(m[j] + m[4 + j]) + m[8 + j] for j in range(4)]
+                s1 = [(m[4 + j] - m[8 + j]) - m[12 + j] for j in range(4)]
+                want = np.full(y.size, 7.5, dtype)
+                for row, s in ((top, s0), (bottom, s1) if two_rows else (None, None)):
+                    if row is None:
+                        continue
+                    cols = np.empty(2 * n, dtype)
+                    cols[0::2] = ((bias + s[0]) + s[1]) + s[2]
+                    cols[1::2] = ((bias + s[1]) - s[2]) - s[3]
+                    want[row:row + count] = cols[:count]
+                assert np.array_equal(y, want), (n, count, two_rows)

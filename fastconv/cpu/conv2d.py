@@ -51,7 +51,8 @@ from numba import njit, prange
 from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
-from ._microkernel import copy_run, tile_fma, transpose_block
+from ._microkernel import (copy_run, tile_fma, transpose_block, winograd_grad_band,
+                           winograd_input_band, winograd_output_band)
 from ._window import U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
 
 
@@ -1460,6 +1461,12 @@ def _winograd_filter(w: np.ndarray) -> np.ndarray:
     return U
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_at(c, ih, h, w):
+    """Flat offset of row ih of channel c in a (C, h, w) array; -1 outside it."""
+    return (c * h + ih) * w if 0 <= ih < h else -1
+
+
 @njit(cache=True, nogil=True)
 def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, buf, t_off=0):
     """Plane k of vf (element c*tiles + t at k*stride + c*tiles + t, see ``_plane_stride``)
@@ -1468,6 +1475,16 @@ def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, bu
     outside the input. ``buf`` (4, >= 2*tw_n + 2) holds a band of patch rows, zero-padded, so
     the tile loop is branch-free."""
     c_in, h, w = x3.shape
+    if dw == 1:  # whole vectors of tiles, straight from the input (see winograd_input_band)
+        xf = x3.reshape(-1)
+        for c in range(c_in):
+            for th in range(th0, th1):
+                ih = top + dh * 2 * th
+                winograd_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
+                                    _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
+                                    left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride,
+                                    tw_n)
+        return
     wb = 2 * tw_n + 2
     for c in range(c_in):
         for th in range(th0, th1):
@@ -1533,7 +1550,17 @@ def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1
     """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A, M's planes in mf as in
     ``_winograd_input`` (from tile t_off): tile (th, tw) holds outputs (ph + dh*u, pw + dw*v)
     for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
-    c_out = y3.shape[0]
+    c_out, ho, wo = y3.shape
+    if dw == 1:  # whole vectors of tiles (see winograd_output_band)
+        yf = y3.reshape(-1)
+        for co in range(c_out):
+            for th in range(th0, th1):
+                u = 2 * th
+                top = (co * ho + ph + dh * u) * wo + pw
+                bottom = (co * ho + ph + dh * (u + 1)) * wo + pw if u + 1 < hu else -1
+                winograd_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf,
+                                     top, bottom, wv, b1[co], tw_n)
+        return
     full = wv // 2  # tiles whose two columns are both outputs
     spare = np.empty(y3.shape[2], dtype=y3.dtype)  # for a last tile row past the plane
     for co in range(c_out):
@@ -1683,7 +1710,16 @@ def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th
     """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the 2x2 grad_out
     tile H of phase (ph, pw) (see ``_winograd_output``), zero past the phase's last row or
     column."""
-    c_out = gy3.shape[0]
+    c_out, ho, wo = gy3.shape
+    if dw == 1:  # whole vectors of tiles (see winograd_grad_band)
+        gf = gy3.reshape(-1)
+        for co in range(c_out):
+            for th in range(th0, th1):
+                oh = ph + dh * 2 * th
+                r1 = (co * ho + oh + dh) * wo + pw if 2 * th + 1 < hu else -1
+                winograd_grad_band(gf, (co * ho + oh) * wo + pw, r1, wv, uf,
+                                   co * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
+        return
     for co in range(c_out):
         g = gy3[co]
         for th in range(th0, th1):
