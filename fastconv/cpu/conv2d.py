@@ -53,7 +53,8 @@ from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
 from ._microkernel import (copy_run, tile_fma, transpose_block, winograd_grad_band,
                            winograd_input_band, winograd_output_band)
-from ._window import U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front
+from ._window import (U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front,
+                      phase_merge, phase_split)
 
 
 # Output rows per chunk: about this many columns keeps the (K, chunk) im2col tile in L2 and
@@ -1468,151 +1469,38 @@ def _row_at(c, ih, h, w):
 
 
 @njit(cache=True, nogil=True)
-def _winograd_input(x3, vf, stride, tiles, top, left, dh, dw, th0, th1, tw_n, buf, t_off=0):
+def _winograd_input(x3, vf, stride, tiles, top, left, dh, th0, th1, tw_n, t_off=0):
     """Plane k of vf (element c*tiles + t at k*stride + c*tiles + t, see ``_plane_stride``)
     = element k of B^T d B for tile t = t_off + (th - th0)*tw_n + tw of tile rows [th0, th1);
-    d is the 4x4 patch of input rows top + dh*(2*th + a), columns left + dw*(2*tw + b), zeros
-    outside the input. ``buf`` (4, >= 2*tw_n + 2) holds a band of patch rows, zero-padded, so
-    the tile loop is branch-free."""
+    d is the 4x4 patch of input rows top + dh*(2*th + a), columns left + 2*tw + b, zeros
+    outside the input. (A dilated layer's columns come split into phases: see
+    ``_column_phases``.) Whole vectors of tiles at a time, read straight from the input:
+    see ``winograd_input_band``."""
     c_in, h, w = x3.shape
-    if dw == 1:  # whole vectors of tiles, straight from the input (see winograd_input_band)
-        xf = x3.reshape(-1)
-        for c in range(c_in):
-            for th in range(th0, th1):
-                ih = top + dh * 2 * th
-                winograd_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
-                                    _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
-                                    left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride,
-                                    tw_n)
-        return
-    wb = 2 * tw_n + 2
+    xf = x3.reshape(-1)
     for c in range(c_in):
         for th in range(th0, th1):
-            for a in range(4):
-                ih = top + dh * (2 * th + a)
-                row = buf[a]
-                if ih < 0 or ih >= h:
-                    fill_at(row, 0, wb, 0)
-                elif dw == 1:
-                    # One vectorised copy (its loads in flight together: a plane larger than
-                    # L2 is read from memory) between the zeros of the padding.
-                    q0 = min(wb, max(0, -left))
-                    q1 = max(q0, min(wb, w - left))
-                    fill_at(row, 0, q0, 0)
-                    copy_at(row, q0, x3[c, ih], left + q0, q1 - q0)
-                    fill_at(row, q1, wb - q1, 0)
-                else:
-                    src = x3[c, ih]
-                    for q in range(wb):
-                        iw = left + dw * q
-                        row[q] = src[iw] if 0 <= iw < w else 0
-            _input_tiles(buf[0], buf[1], buf[2], buf[3], vf,
-                         c * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _input_tiles(r0, r1, r2, r3, vf, base, stride, tw_n):
-    """vf[base + k*stride + tw] = element k of B^T d B for the tiles tw < tw_n of one band of
-    patch rows r0..r3. Flat offsets: the early return tells LLVM they are non-negative, so
-    the index math needs no wraparound test."""
-    if base < 0 or stride < 0:
-        return
-    for tw in range(tw_n):
-        q = 2 * tw
-        # d = B^T patch (rows combined), then V = d B (columns combined).
-        d00, d01, d02, d03 = r0[q] - r2[q], r0[q + 1] - r2[q + 1], \
-            r0[q + 2] - r2[q + 2], r0[q + 3] - r2[q + 3]
-        d10, d11, d12, d13 = r1[q] + r2[q], r1[q + 1] + r2[q + 1], \
-            r1[q + 2] + r2[q + 2], r1[q + 3] + r2[q + 3]
-        d20, d21, d22, d23 = r2[q] - r1[q], r2[q + 1] - r1[q + 1], \
-            r2[q + 2] - r1[q + 2], r2[q + 3] - r1[q + 3]
-        d30, d31, d32, d33 = r1[q] - r3[q], r1[q + 1] - r3[q + 1], \
-            r1[q + 2] - r3[q + 2], r1[q + 3] - r3[q + 3]
-        t = base + tw
-        _input_tile_row(vf, t, stride, 0, d00, d01, d02, d03)
-        _input_tile_row(vf, t, stride, 4, d10, d11, d12, d13)
-        _input_tile_row(vf, t, stride, 8, d20, d21, d22, d23)
-        _input_tile_row(vf, t, stride, 12, d30, d31, d32, d33)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _input_tile_row(vf, t, stride, k0, d0, d1, d2, d3):
-    """Elements k0..k0 + 3: one row (d0..d3) of B^T d times B."""
-    vf[t + k0 * stride] = d0 - d2
-    vf[t + (k0 + 1) * stride] = d1 + d2
-    vf[t + (k0 + 2) * stride] = d2 - d1
-    vf[t + (k0 + 3) * stride] = d1 - d3
+            ih = top + dh * 2 * th
+            winograd_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
+                                _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
+                                left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
 
 
 @njit(cache=True, nogil=True)
-def _winograd_output(mf, stride, tiles, y3, b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n,
-                     t_off=0):
-    """Tile rows [th0, th1) of phase (ph, pw) = b1 + A^T M A, M's planes in mf as in
-    ``_winograd_input`` (from tile t_off): tile (th, tw) holds outputs (ph + dh*u, pw + dw*v)
-    for u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv."""
+def _winograd_output(mf, stride, tiles, y3, b1, ph, dh, hu, wv, th0, th1, tw_n, t_off=0):
+    """Tile rows [th0, th1) of row phase ph = b1 + A^T M A, M's planes in mf as in
+    ``_winograd_input`` (from tile t_off): tile (th, tw) holds outputs (ph + dh*u, v) for
+    u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv (a dilated layer's column phase is an
+    (Ho, Wo/dW) plane of its own: see ``_column_phases``). See ``winograd_output_band``."""
     c_out, ho, wo = y3.shape
-    if dw == 1:  # whole vectors of tiles (see winograd_output_band)
-        yf = y3.reshape(-1)
-        for co in range(c_out):
-            for th in range(th0, th1):
-                u = 2 * th
-                top = (co * ho + ph + dh * u) * wo + pw
-                bottom = (co * ho + ph + dh * (u + 1)) * wo + pw if u + 1 < hu else -1
-                winograd_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf,
-                                     top, bottom, wv, b1[co], tw_n)
-        return
-    full = wv // 2  # tiles whose two columns are both outputs
-    spare = np.empty(y3.shape[2], dtype=y3.dtype)  # for a last tile row past the plane
+    yf = y3.reshape(-1)
     for co in range(c_out):
-        b = b1[co]
         for th in range(th0, th1):
             u = 2 * th
-            base = co * tiles + t_off + (th - th0) * tw_n
-            top = y3[co, ph + dh * u]
-            # A last row past the plane goes to the spare row: the loop stays branch-free.
-            bottom = y3[co, ph + dh * (u + 1)] if u + 1 < hu else spare
-            _output_tiles(mf, base, stride, top, bottom, b, pw, dw, 0, full)
-            if full < tw_n:  # an odd last column: its tile's left column only
-                t = base + full
-
-                def m(k):
-                    return mf[t + k * stride]
-                ow = pw + dw * 2 * full
-                top[ow] = b + (m(0) + m(4) + m(8)) + (m(1) + m(5) + m(9)) + \
-                    (m(2) + m(6) + m(10))
-                if u + 1 < hu:
-                    bottom[ow] = b + (m(4) - m(8) - m(12)) + (m(5) - m(9) - m(13)) + \
-                        (m(6) - m(10) - m(14))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _output_tiles(mf, base, stride, top, bottom, b, pw, dw, tw0, tw1):
-    """Tiles [tw0, tw1) of one band: top/bottom[pw + dw*(2*tw + e)] = b + (A^T M A)[., e],
-    M's element k of tile tw at mf[base + k*stride + tw] (see ``_input_tiles``)."""
-    if base < 0 or stride < 0 or pw < 0 or dw < 1:
-        return
-    for tw in range(tw0, tw1):
-        t = base + tw
-        m0, m1, m2, m3 = mf[t], mf[t + stride], mf[t + 2 * stride], mf[t + 3 * stride]
-        m4, m5, m6, m7 = mf[t + 4 * stride], mf[t + 5 * stride], mf[t + 6 * stride], \
-            mf[t + 7 * stride]
-        m8, m9, m10, m11 = mf[t + 8 * stride], mf[t + 9 * stride], mf[t + 10 * stride], \
-            mf[t + 11 * stride]
-        m12, m13, m14, m15 = mf[t + 12 * stride], mf[t + 13 * stride], \
-            mf[t + 14 * stride], mf[t + 15 * stride]
-        s00 = m0 + m4 + m8
-        s01 = m1 + m5 + m9
-        s02 = m2 + m6 + m10
-        s03 = m3 + m7 + m11
-        s10 = m4 - m8 - m12
-        s11 = m5 - m9 - m13
-        s12 = m6 - m10 - m14
-        s13 = m7 - m11 - m15
-        ow = pw + dw * 2 * tw
-        top[ow] = b + s00 + s01 + s02
-        top[ow + dw] = b + s01 - s02 - s03
-        bottom[ow] = b + s10 + s11 + s12
-        bottom[ow + dw] = b + s11 - s12 - s13
+            top = (co * ho + ph + dh * u) * wo
+            bottom = (co * ho + ph + dh * (u + 1)) * wo if u + 1 < hu else -1
+            winograd_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf, top,
+                                 bottom, wv, b1[co], tw_n)
 
 
 @njit(cache=True, nogil=True)
@@ -1635,22 +1523,31 @@ def _image_tiles(ho, wo, dh, dw):
     return tiles
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _column_phase(pw, pl, dw):
+    """(input column phase, first column in it) that output column phase pw reads: input
+    columns pw - pl + dW*q, which are phase (pw - pl) mod dW (see ``_column_phases``)."""
+    left = pw - pl
+    r = left % dw
+    return r, (left - r) // dw
+
+
 @njit(cache=True, parallel=True)
-def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
-    """y4 (N, C_out, Ho, Wo) = b1 + x4 (N, C_in, H, W) convolved with the 3x3 filters whose
-    transform is U (16, C_out, C_in), at padding (pt, pl) (any sign: a negative pad crops) and
-    dilation (dh, dw). Work items: (image, dilation phase, chunk of ``rows`` tile rows), or
-    with ``per`` > 1 groups of ``per`` whole images (small planes)."""
-    n_img, c_in = x4.shape[0], x4.shape[1]
-    c_out, ho, wo = y4.shape[1], y4.shape[2], y4.shape[3]
+def _winograd_forward(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, rows, per):
+    """ys5 = b1 + xs5 convolved with the 3x3 filters whose transform is U (16, C_out, C_in),
+    at padding (pt, pl) (any sign: a negative pad crops) and dilation (dh, dw), for an
+    (Ho, Wo) output; xs5 (N, dW, C_in, H, W/dW) and ys5 (N, dW, C_out, Ho, Wo/dW) hold the
+    input's and output's column phases (``_column_phases``). Work items: (image, dilation
+    phase, chunk of ``rows`` tile rows), or with ``per`` > 1 groups of ``per`` whole images
+    (small planes)."""
+    n_img, c_in, c_out = xs5.shape[0], xs5.shape[2], ys5.shape[2]
     phases = dh * dw
-    tw_max = (-(-wo // dw) + 1) // 2
     if per > 1:
         tiles_img = _image_tiles(ho, wo, dh, dw)
         for grp in prange((n_img + per - 1) // per):
             n0, n1 = grp * per, min(n_img, grp * per + per)
             tiles = (n1 - n0) * tiles_img
-            _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max)
+            _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles)
         return
     chunks = ((-(-ho // dh) + 1) // 2 + rows - 1) // rows  # phase 0 has the most tile rows
     for item in prange(n_img * phases * chunks):
@@ -1661,32 +1558,34 @@ def _winograd_forward(x4, U, b1, y4, pt, pl, dh, dw, rows, per):
             continue
         th1 = min(th_n, th0 + rows)
         tiles = (th1 - th0) * tw_n
-        vs, ms = _plane_stride(c_in * tiles, x4.itemsize), _plane_stride(c_out * tiles, x4.itemsize)
-        V = np.empty(16 * vs, dtype=x4.dtype)
-        M = np.empty(16 * ms, dtype=x4.dtype)
-        buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
-        _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1, tw_n, buf)
+        vs, ms = _plane_stride(c_in * tiles, xs5.itemsize), _plane_stride(c_out * tiles,
+                                                                          xs5.itemsize)
+        V = np.empty(16 * vs, dtype=xs5.dtype)
+        M = np.empty(16 * ms, dtype=xs5.dtype)
+        r, left = _column_phase(pw, pl, dw)
+        _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
         for k in range(16):
             _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
-        _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, th0, th1, tw_n)
+        _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n)
 
 
 @njit(cache=True, nogil=True)
-def _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max):
+def _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles):
     """Images [n0, n1) as one chunk of ``tiles`` tiles, every phase and tile row: one set of
     16 GEMMs for them all."""
-    c_in, c_out, ho, wo = x4.shape[1], y4.shape[1], y4.shape[2], y4.shape[3]
-    vs, ms = _plane_stride(c_in * tiles, x4.itemsize), _plane_stride(c_out * tiles, x4.itemsize)
-    V = np.empty(16 * vs, dtype=x4.dtype)
-    M = np.empty(16 * ms, dtype=x4.dtype)
-    buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
+    c_in, c_out = xs5.shape[2], ys5.shape[2]
+    vs, ms = _plane_stride(c_in * tiles, xs5.itemsize), _plane_stride(c_out * tiles,
+                                                                      xs5.itemsize)
+    V = np.empty(16 * vs, dtype=xs5.dtype)
+    M = np.empty(16 * ms, dtype=xs5.dtype)
     t_off = 0
     for n in range(n0, n1):
         for phase in range(dh * dw):
             ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
             if tw_n > 0:
-                _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, 0, th_n, tw_n,
-                                buf, t_off)
+                r, left = _column_phase(pw, pl, dw)
+                _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n, tw_n,
+                                t_off)
                 t_off += th_n * tw_n
     for k in range(16):
         _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
@@ -1695,9 +1594,55 @@ def _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max):
         for phase in range(dh * dw):
             ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
             if tw_n > 0:
-                _winograd_output(M, ms, tiles, y4[n], b1, ph, pw, dh, dw, hu, wv, 0, th_n, tw_n,
+                _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n, tw_n,
                                  t_off)
                 t_off += th_n * tw_n
+
+
+# A dilated layer's column phases, each an undilated plane for the transforms (which read and
+# write unit-step columns only): split once per pass, and the output merged back.
+@njit(cache=True, parallel=True)
+def _split_columns(a4, out5):
+    """out5 (N, d, C, H, Wp) = the column phases of a4 (N, C, H, W): out5[n, r, c, h, q] =
+    a4[n, c, h, r + d*q], zero past the row."""
+    n_img, c, h, w = a4.shape
+    d, wp = out5.shape[1], out5.shape[4]
+    src, dst = a4.reshape(-1), out5.reshape(-1)
+    plen = c * h * wp  # from one phase to the next
+    for item in prange(n_img * c):
+        n, ch = item // c, item % c
+        for ih in range(h):
+            d0 = (n * d * c + ch) * h * wp + ih * wp
+            phase_split(src, ((n * c + ch) * h + ih) * w, w, dst[d0:], plen, d)
+            for r in range(d):
+                for q in range((w - r + d - 1) // d, wp):
+                    dst[d0 + r * plen + q] = 0
+
+
+@njit(cache=True, parallel=True)
+def _merge_columns(in5, a4):
+    """The inverse of ``_split_columns``: a4[n, c, h, r + d*q] = in5[n, r, c, h, q]."""
+    n_img, c, h, w = a4.shape
+    d, wp = in5.shape[1], in5.shape[4]
+    src, dst = in5.reshape(-1), a4.reshape(-1)
+    plen = c * h * wp
+    for item in prange(n_img * c):
+        n, ch = item // c, item % c
+        for ih in range(h):
+            phase_merge(src[(n * d * c + ch) * h * wp + ih * wp:], plen, dst,
+                        ((n * c + ch) * h + ih) * w, w, d)
+
+
+def _column_phases(a: np.ndarray, d: int) -> np.ndarray:
+    """(N, d, C, H, ceil(W/d)): the columns of a (N, C, H, W) split into d phases, phase r
+    holding columns r, r + d, ... (zero past the row); a view of a when d == 1."""
+    if d == 1:
+        return a[:, None]
+    n, c, h, w = a.shape
+    out = np.empty((n, d, c, h, -(-w // d)), dtype=a.dtype)
+    with parallel_region(n * c):
+        _split_columns(a, out)
+    return out
 
 
 # The weight gradient is Winograd F(3x3, 2x2), the dual of F(2x2, 3x3) (transposition
@@ -1705,66 +1650,28 @@ def _winograd_images(x4, U, b1, y4, pt, pl, dh, dw, n0, n1, tiles, tw_max):
 # D the forward's 4x4 input patch, A = [[1, 0], [1, 1], [1, -1], [0, -1]]. The sum over tiles
 # is 16 GEMMs (C_out, tiles) @ (tiles, C_in): tiles are the long, inner dimension.
 @njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, pw, dh, dw, hu, wv, th0, th1, tw_n,
-                         t_off=0):
+def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n, t_off=0):
     """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the 2x2 grad_out
-    tile H of phase (ph, pw) (see ``_winograd_output``), zero past the phase's last row or
-    column."""
+    tile H of row phase ph (see ``_winograd_output``), zero past the phase's last row or
+    column. See ``winograd_grad_band``."""
     c_out, ho, wo = gy3.shape
-    if dw == 1:  # whole vectors of tiles (see winograd_grad_band)
-        gf = gy3.reshape(-1)
-        for co in range(c_out):
-            for th in range(th0, th1):
-                oh = ph + dh * 2 * th
-                r1 = (co * ho + oh + dh) * wo + pw if 2 * th + 1 < hu else -1
-                winograd_grad_band(gf, (co * ho + oh) * wo + pw, r1, wv, uf,
-                                   co * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
-        return
+    gf = gy3.reshape(-1)
     for co in range(c_out):
-        g = gy3[co]
         for th in range(th0, th1):
-            oh, oh1 = ph + dh * 2 * th, ph + dh * (2 * th + 1)
-            last_row = 2 * th + 1 >= hu
-            t0 = co * tiles + t_off + (th - th0) * tw_n
-            for tw in range(tw_n):
-                ow, ow1 = pw + dw * 2 * tw, pw + dw * (2 * tw + 1)
-                last_col = 2 * tw + 1 >= wv
-                h00 = g[oh, ow]
-                zero = h00 * 0
-                h01 = zero if last_col else g[oh, ow1]
-                h10 = zero if last_row else g[oh1, ow]
-                h11 = zero if last_row or last_col else g[oh1, ow1]
-                _grad_tile(uf, t0 + tw, stride, h00, h01, h10, h11)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _grad_tile(uf, t, stride, h00, h01, h10, h11):
-    """uf[t + k*stride] = element k of A H A^T: the rows of A H, then each times A^T."""
-    if t < 0 or stride < 0:
-        return
-    _grad_tile_row(uf, t, stride, 0, h00, h01)
-    _grad_tile_row(uf, t, stride, 4, h00 + h10, h01 + h11)
-    _grad_tile_row(uf, t, stride, 8, h00 - h10, h01 - h11)
-    _grad_tile_row(uf, t, stride, 12, -h10, -h11)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _grad_tile_row(uf, t, stride, k0, x0, x1):
-    """Elements k0..k0 + 3: one row (x0, x1) of A H times A^T."""
-    uf[t + k0 * stride] = x0
-    uf[t + (k0 + 1) * stride] = x0 + x1
-    uf[t + (k0 + 2) * stride] = x0 - x1
-    uf[t + (k0 + 3) * stride] = -x1
+            oh = ph + dh * 2 * th
+            r1 = (co * ho + oh + dh) * wo if 2 * th + 1 < hu else -1
+            winograd_grad_band(gf, (co * ho + oh) * wo, r1, wv, uf,
+                               co * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
 
 
 @njit(cache=True, parallel=True)
-def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
+def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per):
     """part (P, 16, C_out, C_in): chunk p's sum over its images (a fixed split of the batch,
     so the sum order depends only on P) of the transformed tile products, every dilation
-    phase and tile in order. The products are taken ``per`` whole images at a time (small
+    phase and tile in order; gys5 and xs5 hold grad_out's (Ho, Wo) and the input's column
+    phases (``_column_phases``). The products are taken ``per`` whole images at a time (small
     planes), or else ``rows`` tile rows of one phase at a time."""
-    n_img, c_in = x4.shape[0], x4.shape[1]
-    c_out, ho, wo = gy4.shape[1], gy4.shape[2], gy4.shape[3]
+    n_img, c_in, c_out = xs5.shape[0], xs5.shape[2], gys5.shape[2]
     chunks_p = part.shape[0]
     tw_max = (-(-wo // dw) + 1) // 2
     tiles_img = _image_tiles(ho, wo, dh, dw)
@@ -1772,27 +1679,27 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
     for p in prange(chunks_p):
         acc = part[p]
         acc[:] = 0
-        V = np.empty(16 * _plane_stride(c_in * tiles_max, x4.itemsize), dtype=x4.dtype)
-        U = np.empty(16 * _plane_stride(c_out * tiles_max, x4.itemsize), dtype=x4.dtype)
-        tmp = np.empty((c_out, c_in), dtype=x4.dtype)
-        buf = np.empty((4, 2 * tw_max + 2), dtype=x4.dtype)
+        V = np.empty(16 * _plane_stride(c_in * tiles_max, xs5.itemsize), dtype=xs5.dtype)
+        U = np.empty(16 * _plane_stride(c_out * tiles_max, xs5.itemsize), dtype=xs5.dtype)
+        tmp = np.empty((c_out, c_in), dtype=xs5.dtype)
         n0, n1 = p * n_img // chunks_p, (p + 1) * n_img // chunks_p
         if per > 1:
             for g0 in range(n0, n1, per):
                 g1 = min(n1, g0 + per)
                 tiles = (g1 - g0) * tiles_img
-                vs = _plane_stride(c_in * tiles, x4.itemsize)
-                us = _plane_stride(c_out * tiles, x4.itemsize)
+                vs = _plane_stride(c_in * tiles, xs5.itemsize)
+                us = _plane_stride(c_out * tiles, xs5.itemsize)
                 t_off = 0
                 for n in range(g0, g1):
                     for phase in range(dh * dw):
                         ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
                         if tw_n == 0:
                             continue
-                        _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, 0, th_n,
-                                        tw_n, buf, t_off)
-                        _winograd_grad_tiles(gy4[n], U, us, tiles, ph, pw, dh, dw, hu, wv, 0,
-                                             th_n, tw_n, t_off)
+                        r, left = _column_phase(pw, pl, dw)
+                        _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n,
+                                        tw_n, t_off)
+                        _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, 0, th_n,
+                                             tw_n, t_off)
                         t_off += th_n * tw_n
                 _winograd_products(V, U, vs, us, tiles, tmp, acc)
             continue
@@ -1801,17 +1708,17 @@ def _winograd_backward_weight(gy4, x4, part, pt, pl, dh, dw, rows, per):
                 ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
                 if tw_n == 0:
                     continue
+                r, left = _column_phase(pw, pl, dw)
                 for th0 in range(0, th_n, rows):
                     th1 = min(th_n, th0 + rows)
                     tiles = (th1 - th0) * tw_n
                     # Planes packed for this chunk's tile count (a chunk may be short): gemm
                     # needs each C-contiguous.
-                    vs = _plane_stride(c_in * tiles, x4.itemsize)
-                    us = _plane_stride(c_out * tiles, x4.itemsize)
-                    _winograd_input(x4[n], V, vs, tiles, ph - pt, pw - pl, dh, dw, th0, th1,
-                                    tw_n, buf)
-                    _winograd_grad_tiles(gy4[n], U, us, tiles, ph, pw, dh, dw, hu, wv, th0,
-                                         th1, tw_n)
+                    vs = _plane_stride(c_in * tiles, xs5.itemsize)
+                    us = _plane_stride(c_out * tiles, xs5.itemsize)
+                    _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
+                    _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, th0, th1,
+                                         tw_n)
                     _winograd_products(V, U, vs, us, tiles, tmp, acc)
 
 
@@ -1892,12 +1799,17 @@ def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt:
     per = 1
     if tiles_img < _WINOGRAD_MIN_TILES:
         per = min(-(-_WINOGRAD_MIN_TILES // tiles_img), -(-n // engine_threads()))
+    xs = _column_phases(x, dw)
+    ys = y[:, None] if dw == 1 else np.empty((n, dw, c_out, ho, -(-wo // dw)), dtype=y.dtype)
     if per > 1:
         with parallel_region(-(-n // per)):
-            _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows, per)
-        return
-    with parallel_region(n * dh * dw * -(-((-(-ho // dh) + 1) // 2) // rows)):
-        _winograd_forward(x, U, bias, y, pt, pl, dh, dw, rows, 1)
+            _winograd_forward(xs, U, bias, ys, ho, wo, pt, pl, dh, dw, rows, per)
+    else:
+        with parallel_region(n * dh * dw * -(-((-(-ho // dh) + 1) // 2) // rows)):
+            _winograd_forward(xs, U, bias, ys, ho, wo, pt, pl, dh, dw, rows, 1)
+    if dw > 1:
+        with parallel_region(n * c_out):
+            _merge_columns(ys, y)
 
 
 def _geometry(params: Conv2dParams, kernel_hw, out_hw):
@@ -2100,18 +2012,19 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
 
     def winograd():
         top, _, left, _ = params.padding
+        dh, dw = params.dilation
+        gys, xs = _column_phases(gyn, dw), _column_phases(xn, dw)
         chunks = min(n, engine_threads())
         part = np.empty((chunks, 16, c_out, c_in), dtype=xn.dtype)
         with parallel_region(chunks):
             # Tiles are the GEMMs' inner dimension here, and each chunk's products are added
             # into the partial sums: long chunks amortise that (not the L2 budget above).
-            dh, dw = params.dilation
             tw_n = (-(-wo // dw) + 1) // 2  # tile columns of the widest dilation phase
             rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
             # Small planes: whole images per chunk (see _WINOGRAD_WGRAD_IMAGE_TILES).
             per = max(1, min(-(-n // chunks), _WINOGRAD_WGRAD_IMAGE_TILES //
                              _image_tiles(ho, wo, dh, dw)))
-            _winograd_backward_weight(gyn, xn, part, top, left, *params.dilation, rows, per)
+            _winograd_backward_weight(gys, xs, part, ho, wo, top, left, dh, dw, rows, per)
         with parallel_region(c_out):
             _winograd_weight_output(part, gwn)
 
