@@ -1408,7 +1408,7 @@ _WINOGRAD_WGRAD_IMAGE_TILES = 256  # 128 with OpenBLAS. With MKL, engine calls, 
 
 
 # The 16 transform planes of a chunk (V, M, the weight gradient's U) are written or read as 16
-# streams, one element per tile from each. Planes a multiple of 4 KiB apart put all 16 in the
+# streams, the same tiles' elements from each. Planes a multiple of 4 KiB apart put all 16 in the
 # same L1 set (8 ways): vgg's 128 channels x 56 tiles are 28 KiB, and its input transform took
 # 46 ns a tile instead of 5. Planes an odd number of 64-byte lines apart fall in 16 sets.
 @njit(cache=True, nogil=True)
@@ -1615,8 +1615,8 @@ def _split_columns(a4, out5):
             d0 = (n * d * c + ch) * h * wp + ih * wp
             phase_split(src, ((n * c + ch) * h + ih) * w, w, dst[d0:], plen, d)
             for r in range(d):
-                for q in range((w - r + d - 1) // d, wp):
-                    dst[d0 + r * plen + q] = 0
+                filled = (w - r + d - 1) // d
+                fill_at(dst, d0 + r * plen + filled, wp - filled, 0)
 
 
 @njit(cache=True, parallel=True)
