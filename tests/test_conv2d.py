@@ -282,25 +282,37 @@ def test_depthwise_paths(device, dtype, shapes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_depthwise_flat_planes_keep_inf_in_its_windows(dtype):
+@pytest.mark.parametrize("channels,mult,k", [(3, 1, 3), (3, 1, 5), (1, 6, 5)],
+                         ids=["3x3", "5x5", "5x5-cin1"])
+def test_depthwise_flat_planes_keep_inf_in_its_windows(dtype, channels, mult, k):
     """A flat plane's tap column past a row's end reads the next row's first element (and
-    the other way round); an Inf there must not reach the outputs whose windows lack it."""
+    the other way round); an Inf there must not reach the outputs (or weight-gradient taps)
+    whose windows lack it: no 0 * Inf NaN where PyTorch has an Inf or a finite value."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 7, 6, generator=gen, dtype=dtype)
+    x = torch.randn(2, channels, 7, 6, generator=gen, dtype=dtype)
     x[:, :, 2, 0] = float("inf")
     x[:, :, 4, 5] = -float("inf")
-    w = torch.rand(3, 1, 3, 3, generator=gen, dtype=dtype) + 0.5  # no 0 * Inf inside
-    gy = torch.rand(2, 3, 7, 6, generator=gen, dtype=dtype) + 0.5
+    w = torch.rand(channels * mult, 1, k, k, generator=gen, dtype=dtype) + 0.5  # no 0 * Inf
+    gy = torch.rand(2, channels * mult, 7, 6, generator=gen, dtype=dtype) + 0.5
     gy[:, :, 3, 0] = float("inf")
-    y = fastconv.conv2d(x, w, padding=1, groups=3)
-    expected = F.conv2d(x, w, padding=1, groups=3)
+    opts = dict(padding=k // 2, groups=channels)
+    y = fastconv.conv2d(x, w, **opts)
+    expected = F.conv2d(x, w, **opts)
     torch.testing.assert_close(y, expected)
-    assert y.isfinite().sum() > y.numel() // 2
-    xr = x.clone().requires_grad_()
-    gx = torch.autograd.grad(fastconv.conv2d(xr, w, padding=1, groups=3), xr, gy)[0]
-    xr.grad = None
-    expected_gx = torch.autograd.grad(F.conv2d(xr, w, padding=1, groups=3), xr, gy)[0]
+    assert expected.isfinite().any() and expected.isinf().any()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx = torch.autograd.grad(fastconv.conv2d(xr, wr, **opts), xr, gy)[0]
+    expected_gx = torch.autograd.grad(F.conv2d(xr, wr, **opts), xr, gy)[0]
     torch.testing.assert_close(gx, expected_gx)
+    # The weight gradient with a finite grad_out (an Inf there meets the padding's zeros,
+    # which PyTorch's float32 and float64 kernels treat differently). Every tap meets an Inf
+    # of x in some window: PyTorch's taps are +-Inf, or NaN where one meets both signs; a
+    # masked-out tap's 0 * Inf would turn an Inf into a NaN.
+    gy[:, :, 3, 0] = 1.0
+    gw = torch.autograd.grad(fastconv.conv2d(xr, wr, **opts), wr, gy)[0]
+    expected_gw = torch.autograd.grad(F.conv2d(xr, wr, **opts), wr, gy)[0]
+    assert expected_gw.isinf().any()
+    torch.testing.assert_close(gw, expected_gw, equal_nan=True)
 
 
 TILED = [  # (input, weight, options): the CPU forward's register tiles (_tile_forward) and edges

@@ -133,6 +133,10 @@ CASES = {
     "conv2d._flat_tap_dots": lambda: (conv2d._flat_tap_dots, _f32(150), _f32(400), 1,
                                       np.ones((3, 150), np.bool_), np.float32(0),
                                       np.zeros((3, 3)), 15, 3, 3, 1, 1),
+    # ... a 5x5's a column of five at a time, each sum a masked (conditional) reduction
+    "conv2d._flat_tap_dots_5x5": lambda: (conv2d._flat_tap_dots_5x5, _f32(300), _f32(600), 2,
+                                          np.ones((5, 300), np.bool_), np.float32(0),
+                                          np.zeros((5, 5)), 20, 1, 1),
     # depthwise weight gradient: dot products with reassociation allowed
     "conv2d._tap_dots": lambda: (conv2d._tap_dots, _f32(150), _f32(400),
                                  np.zeros((3, 3)), 3, 3, 1, 1, 20, 150),

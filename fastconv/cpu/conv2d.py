@@ -1229,18 +1229,16 @@ def _flat_tap_dots(gy, xb, o, inside, zero, acc, w, kh, kw, dh, dw):
         m0, m1, m2 = inside[0], inside[1], inside[2]
         t00 = t10 = t20 = t01 = t11 = t21 = t02 = t12 = t22 = zero
         for q in range(span):
-            g0 = gy[q] if m0[q] else zero
-            g1 = gy[q] if m1[q] else zero
-            g2 = gy[q] if m2[q] else zero
-            t00 += g0 * a0[q]
-            t10 += g0 * a1[q]
-            t20 += g0 * a2[q]
-            t01 += g1 * b0[q]
-            t11 += g1 * b1[q]
-            t21 += g1 * b2[q]
-            t02 += g2 * c0[q]
-            t12 += g2 * c1[q]
-            t22 += g2 * c2[q]
+            g, in0, in1, in2 = gy[q], m0[q], m1[q], m2[q]
+            t00 = t00 + g * a0[q] if in0 else t00
+            t10 = t10 + g * a1[q] if in0 else t10
+            t20 = t20 + g * a2[q] if in0 else t20
+            t01 = t01 + g * b0[q] if in1 else t01
+            t11 = t11 + g * b1[q] if in1 else t11
+            t21 = t21 + g * b2[q] if in1 else t21
+            t02 = t02 + g * c0[q] if in2 else t02
+            t12 = t12 + g * c1[q] if in2 else t12
+            t22 = t22 + g * c2[q] if in2 else t22
         acc[0, 0] += t00
         acc[1, 0] += t10
         acc[2, 0] += t20
@@ -1251,6 +1249,9 @@ def _flat_tap_dots(gy, xb, o, inside, zero, acc, w, kh, kw, dh, dw):
         acc[1, 2] += t12
         acc[2, 2] += t22
         return
+    if kh == 5 and kw == 5:
+        _flat_tap_dots_5x5(gy, xb, o, inside, zero, acc, w, dh, dw)
+        return
     for j in range(kw):
         m = inside[j]
         for i in range(kh):
@@ -1260,6 +1261,33 @@ def _flat_tap_dots(gy, xb, o, inside, zero, acc, w, kh, kw, dh, dw):
             for q in range(span):
                 t += gy[q] * src[q] if m[q] else zero
             acc[i, j] += t
+
+
+# 5x5 a column at a time: each pass masks gy once for its column and sums five rows' taps,
+# where the tap by tap loop masks and reads gy once per tap (LeNet's first layer, 1 -> 6
+# channels on 28x28, batch 64, 2 threads, Xeon: this kernel 0.29 -> 0.13-0.14 ms). All 25
+# sums in one pass ran slower (0.15 ms): 25 accumulators crowd the registers.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _flat_tap_dots_5x5(gy, xb, o, inside, zero, acc, w, dh, dw):
+    """_flat_tap_dots for a 5x5 kernel."""
+    r1, r2, r3, r4 = U64(dh * w), U64(2 * dh * w), U64(3 * dh * w), U64(4 * dh * w)
+    for j in range(5):
+        m = inside[j]
+        base = U64(o + j * dw)
+        t0 = t1 = t2 = t3 = t4 = zero
+        for q in range(U64(gy.shape[0])):
+            g, inside_q = gy[q], m[q]
+            p = base + q
+            t0 = t0 + g * xb[p] if inside_q else t0
+            t1 = t1 + g * xb[p + r1] if inside_q else t1
+            t2 = t2 + g * xb[p + r2] if inside_q else t2
+            t3 = t3 + g * xb[p + r3] if inside_q else t3
+            t4 = t4 + g * xb[p + r4] if inside_q else t4
+        acc[0, j] += t0
+        acc[1, j] += t1
+        acc[2, j] += t2
+        acc[3, j] += t3
+        acc[4, j] += t4
 
 
 @njit(cache=True, parallel=True)
