@@ -250,9 +250,9 @@ def test_device_without_an_engine_is_not_implemented():
 
 
 def test_a_plain_call_skips_the_redispatch_and_a_dispatch_mode_still_sees_the_op(monkeypatch):
-    """With no gradient to record and only a backend below autograd, the Autograd kernel calls
-    the implementation itself (one trip through the dispatcher, not two); under a
-    TorchDispatchMode the op goes the dispatcher's way and reaches the mode."""
+    """With only a backend below autograd, the Autograd kernel (or, recording a gradient, its
+    node's forward) calls the implementation itself (one trip through the dispatcher, not
+    two); under a TorchDispatchMode the op goes the dispatcher's way and reaches the mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     op = ops.conv2d.default
@@ -266,6 +266,13 @@ def test_a_plain_call_skips_the_redispatch_and_a_dispatch_mode_still_sees_the_op
         torch.testing.assert_close(fastconv.conv2d(x.requires_grad_(), w, padding=1), expected)
     with torch.inference_mode():
         torch.testing.assert_close(fastconv.conv2d(x, w, padding=1), expected)
+    # Recording a gradient: the autograd node's forward calls the implementation itself too.
+    xg = x.detach().requires_grad_()
+    out = fastconv.conv2d(xg, w, padding=1)
+    torch.testing.assert_close(out, expected)
+    gx, = torch.autograd.grad(out, xg, torch.ones_like(out))
+    torch.testing.assert_close(gx, torch.autograd.grad(F.conv2d(xg, w, padding=1), xg,
+                                                       torch.ones_like(out))[0])
     assert redispatched == []
 
     seen = []
@@ -279,3 +286,9 @@ def test_a_plain_call_skips_the_redispatch_and_a_dispatch_mode_still_sees_the_op
         out = fastconv.conv2d(x.detach(), w, padding=1)
     torch.testing.assert_close(out, expected)
     assert op in seen and redispatched
+    seen.clear()
+    redispatched.clear()
+    with Mode():  # and with a gradient to record
+        out = fastconv.conv2d(xg, w, padding=1)
+    torch.testing.assert_close(out, expected)
+    assert out.requires_grad and op in seen and redispatched

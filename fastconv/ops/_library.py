@@ -64,9 +64,11 @@ def _autograd_kernel(op, backward, setup_context, impl):
     class Node(torch.autograd.Function):
         @staticmethod
         def forward(*args):
-            keyset = args[-1]
+            below = args[-1] & torch._C._after_autograd_keyset
             with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args[:-1])
+                if below.raw_repr() in _PLAIN_BELOW_AUTOGRAD:
+                    return impl(*args[:-1])  # as in ``kernel`` below
+                return op.redispatch(below, *args[:-1])
 
         @staticmethod
         def setup_context(ctx, inputs, output):  # a separate method: torch.func needs it
