@@ -54,11 +54,12 @@ _PLAIN_BELOW_AUTOGRAD = frozenset(
 def _autograd_kernel(op, backward, setup_context, impl):
     """The Autograd-key kernel ``torch.library.register_autograd`` would register, leaner.
 
-    Same mechanism (an autograd.Function whose forward redispatches below autograd, the
+    Same mechanism (an autograd.Function whose forward runs the op below autograd, the
     keyset riding as a trailing argument), without its per-call generalities that no fastconv
     schema needs (default and keyword-only arguments, tensor lists): those cost ~20 us per
     call, as much as the engine call of a tiny conv. ``impl`` is the op's implementation,
-    called directly where the redispatch could reach nothing else.
+    called directly (by the kernel, or by the node's forward when recording a gradient) where
+    the redispatch could reach nothing else.
     """
 
     class Node(torch.autograd.Function):
