@@ -107,10 +107,8 @@ CASES = {
                                       28, 2, 0, 0, 28),
     "pool2d._spread_pairs": lambda: (pool2d._spread_pairs, _f32(28), _f32(112), 56, 56, 0, 0,
                                      28),
-    # the row adds of average pooling's taps and of conv2d's wide grad-input, and conv2d's
+    # the row adds of conv2d's wide grad-input at offsets (no view per tap), and conv2d's
     # bias added in the copy-out
-    "_window.add_into": lambda: (_window.add_into, _f32(), _f32(seed=1)),
-    # ... the same at offsets (conv2d's wide grad-input: no view per tap)
     "_window.add_at": lambda: (_window.add_at, _f32(), 3, _f32(seed=1), 5, 50),
     "conv2d._copy_plus_at": lambda: (conv2d._copy_plus_at, _f32(), 3, _f32(seed=1), 5, 50,
                                      np.float32(0.5)),

@@ -64,13 +64,6 @@ def cover_table(h, kh, sh, ph, dh, ho):
 # (measured on LeNet's 5x5 im2col copies, 150 rows of 136 per image: 0.46 ms per batch as
 # slices, 0.10 as loops; copies now go through copy_at below).
 @njit(cache=True, nogil=True)
-def add_into(dst, src):
-    """dst[q] += src[q] for q < len(src) (1-D; the two must not overlap)."""
-    for q in range(src.shape[0]):
-        dst[q] += src[q]
-
-
-@njit(cache=True, nogil=True)
 def fill(dst, value):
     """dst[q] = value for every q (1-D)."""
     for q in range(dst.shape[0]):

@@ -53,7 +53,7 @@ from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
 from ._microkernel import (copy_run, tile_fma, transpose_block, winograd_grad_band,
                            winograd_input_band, winograd_output_band)
-from ._window import (U2, U64, add_at, add_into, col_range, copy_at, fill, fill_at, front,
+from ._window import (U2, U64, add_at, col_range, copy_at, fill, fill_at, front,
                       phase_merge, phase_split)
 
 
@@ -230,7 +230,7 @@ def _backward_input_wide(gy2, w2, gx3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
 
 
 @njit(cache=True, nogil=True)
-def _backward_weight_wide(gy2, x3, acc_t, tmp_t, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
+def _backward_weight_wide(gy2, x3, acc_t, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     """acc_t (K, C_out/G) += the wide im2col of x3 @ wide grad rows^T (the im2col's garbage
     columns meet the grad rows' zeros)."""
     k, cout = acc_t.shape[0], acc_t.shape[1]
@@ -246,8 +246,7 @@ def _backward_weight_wide(gy2, x3, acc_t, tmp_t, kh, kw, sh, sw, pt, pl, dh, dw,
         _im2col_wide(xp, col, kh, kw, sh, sw, dh, dw, oh0 * wq, span)
         for co in range(cout):
             _rows_to_wide(gy2[co], gy[co], oh0, oh1, wo, wq)
-        _blas.gemm(col, gy.T, tmp_t)
-        add_into(acc_t.ravel(), tmp_t.ravel())
+        _blas.gemm(col, gy.T, acc_t, accumulate=True)
 
 
 @njit(cache=True, nogil=True)
@@ -317,16 +316,15 @@ def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, 
         # runs that orientation 1.1-1.7x faster than gy @ col^T on these layers (measured
         # single-threaded: LeNet's 16 x 150 86 vs 51 GFLOP/s, 3x3 stride 2 165 vs 145, the
         # 1x1 256->64 on 56x56 158 vs 138).
+        # The GEMMs add into acc_t themselves (beta = 1), not through a product matrix.
         acc_t = np.zeros((k, cout_g), dtype=x5.dtype)
-        tmp_t = np.empty((k, cout_g), dtype=x5.dtype)
         if direct:
             for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
-                _blas.gemm(x5[n, g].reshape(cin_g, h * w), gy4[n, g].T, tmp_t)
-                add_into(acc_t.ravel(), tmp_t.ravel())
+                _blas.gemm(x5[n, g].reshape(cin_g, h * w), gy4[n, g].T, acc_t, accumulate=True)
         else:
             for n in range(p * n_img // chunks, (p + 1) * n_img // chunks):
-                _backward_weight_wide(gy4[n, g], x5[n, g], acc_t, tmp_t, kh, kw, sh, sw, pt,
-                                      pl, dh, dw, ho, wo)
+                _backward_weight_wide(gy4[n, g], x5[n, g], acc_t, kh, kw, sh, sw, pt, pl, dh,
+                                      dw, ho, wo)
         for oc in range(cout_g):
             row = acc[oc]
             for kk in range(k):
@@ -1426,8 +1424,12 @@ _WINOGRAD_MIN_TILES = 64
 # 4.2 vs 5.0, 8->32 160x160 2.4 vs 2.4, 256->64 100x100 25.7 vs 24.7; earlier 64x56x56 batch
 # 8 9.3 vs 16.6, 256x14x14 11.6 vs 13.1). (Large planes once lost, 62 vs 48 ms, before the
 # transform planes were spaced apart: see _plane_stride.)
-_WINOGRAD_WGRAD_TILES = 512  # 256 before MKL: 64 on 56x56 7.8-7.9 -> 7.3-7.4 ms, VGG's 128 on
-# 112x112 23.6-24.0 -> 23.2-23.5 (1024: 26 ms)
+# 256: with MKL's GEMM adding into the partial sums (no product matrix added after each GEMM),
+# shorter chunks keep V and U nearer L2 and win (engine call, 2 threads, in-process A/B,
+# medians, 512 -> 256 tiles: 64 channels on 56x56 4.21 -> 4.02 ms, VGG's 128 on 112x112 15.5
+# -> 14.8). (512 while each GEMM wrote a product matrix to add: 64 on 56x56 7.3-7.4 ms against
+# 7.8-7.9 at 256, VGG's 23.2-23.5 against 23.6-24.0.)
+_WINOGRAD_WGRAD_TILES = 256
 # Planes of few tiles instead take whole images per chunk, up to about this many tiles: the
 # 16 tiles of a 7x7 plane made 16-deep GEMMs (measured, one thread, batch 8: 512x512 on 7x7
 # 40 -> 23 ms; 256x256 on 14x14, 49 tiles, 17.5 -> 15.5 ms at 98 tiles a chunk but 19.5 ms
@@ -1711,7 +1713,6 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
         acc[:] = 0
         V = np.empty(16 * _plane_stride(c_in * tiles_max, xs5.itemsize), dtype=xs5.dtype)
         U = np.empty(16 * _plane_stride(c_out * tiles_max, xs5.itemsize), dtype=xs5.dtype)
-        tmp = np.empty((c_out, c_in), dtype=xs5.dtype)
         n0, n1 = p * n_img // chunks_p, (p + 1) * n_img // chunks_p
         if per > 1:
             for g0 in range(n0, n1, per):
@@ -1731,7 +1732,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                         _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, 0, th_n,
                                              tw_n, t_off)
                         t_off += th_n * tw_n
-                _winograd_products(V, U, vs, us, tiles, tmp, acc)
+                _winograd_products(V, U, vs, us, tiles, acc)
             continue
         for n in range(n0, n1):
             for phase in range(dh * dw):
@@ -1749,16 +1750,19 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                     _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
                     _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, th0, th1,
                                          tw_n)
-                    _winograd_products(V, U, vs, us, tiles, tmp, acc)
+                    _winograd_products(V, U, vs, us, tiles, acc)
 
 
 @njit(cache=True, nogil=True)
-def _winograd_products(V, U, vs, us, tiles, tmp, acc):
+def _winograd_products(V, U, vs, us, tiles, acc):
     """acc[k] += U[k] @ V[k]^T over a chunk's tiles (planes as in ``_winograd_input``)."""
-    c_out, c_in = tmp.shape
+    c_out, c_in = acc.shape[1], acc.shape[2]
     for k in range(16):
-        _blas.gemm(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, tmp)
-        acc[k] += tmp
+        # The GEMM adds into acc itself (beta = 1): a product matrix added afterwards cost a
+        # pass over 16 C_out x C_in matrices per chunk (GEMMs alone, 2 threads, 128 channels,
+        # 256 tiles: 279 -> 338 GFLOP/s; 256 channels, 196 tiles: 276 -> 355).
+        _blas.gemm(_plane(U, k, us, c_out, tiles), _plane(V, k, vs, c_in, tiles).T, acc[k],
+                   accumulate=True)
 
 
 @njit(cache=True, parallel=True)
