@@ -2,7 +2,8 @@
 every (t, v) case against a float64 sum, nothing written outside the tile, the generated
 loop keeping its accumulators in registers; the short-run copy and the block transpose; the
 Winograd transform bands against the same arithmetic in NumPy, bit for bit, reading nothing
-outside their rows and writing nothing outside their tiles."""
+outside their rows and writing nothing outside their tiles; max pooling's stride-2 window
+maxima against the tap-by-tap rule."""
 
 import platform
 import re
@@ -14,7 +15,7 @@ import pytest
 from fastconv.cpu import _microkernel
 from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
                                        prefetch_run, stream_fence, stream_run, tile_fma,
-                                       transpose_block, winograd_grad_band,
+                                       transpose_block, window_max3_s2, winograd_grad_band,
                                        winograd_input_band, winograd_output_band)
 from helpers import AVX512_FEATURES, run_for_target
 
@@ -254,6 +255,8 @@ def test_256_bit_build_of_the_tiles(tmp_path):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
             t.test_stream_run_moves_exactly_its_run(dtype)
             t.test_transpose_block_moves_exactly_its_block(dtype)
+            for coded in (True, False):
+                t.test_window_max3_s2_is_the_tap_order_max(dtype, coded)
         from helpers import assert_matches_torch
         import fastconv
         gen = torch.Generator().manual_seed(0)
@@ -388,3 +391,45 @@ def test_winograd_output_band_writes_its_columns_only(dtype):
                     cols[1::2] = ((bias + s[1]) - s[2]) - s[3]
                     want[row:row + count] = cols[:count]
                 assert np.array_equal(y, want), (n, count, two_rows)
+
+
+# ---- Max pooling's window maxima (3 taps at stride 2)
+@numba.njit
+def _window_max3_s2(x, a, hv, hc, d, n, coded):
+    window_max3_s2(x, a, hv, hc, d, n, coded)
+
+
+@pytest.mark.parametrize("coded", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_window_max3_s2_is_the_tap_order_max(dtype, coded):
+    """hv[d + t] = x[a + 2t + j] for the first j of 0, 1, 2 whose value no later tap beats
+    (greater, or NaN: the rule of every max pooling kernel), hc[d + t] = j; on window counts
+    around the vector width, with ties, NaN and -inf in the row; nothing written outside
+    [d, d + n) (sentinels), and hc untouched when not coded."""
+    rng = np.random.default_rng(3)
+    for n in (0,) + tuple(_band_lengths(dtype)) + (40,):
+        for a in (0, 1, 5):
+            x = rng.integers(-2, 3, a + 2 * n + 1).astype(dtype)
+            x[rng.random(x.size) < 0.15] = np.nan
+            x[rng.random(x.size) < 0.1] = -np.inf
+            d = 3
+            hv = np.full(d + n + 2 * lanes(dtype), 7.5, dtype)
+            hc = np.full(hv.size, 7.5, np.float32)
+            _window_max3_s2(x, a, hv, hc, d, n, coded)
+            want_v, want_c = hv.copy(), hc.copy()
+            for t in range(n):
+                best, code = x[a + 2 * t], 0
+                for j in (1, 2):
+                    v = x[a + 2 * t + j]
+                    if v > best or v != v:
+                        best, code = v, j
+                want_v[d + t] = best
+                if coded:
+                    want_c[d + t] = code
+            want_v[d + n:] = 7.5
+            want_c[d + n:] = 7.5
+            assert np.array_equal(hv, want_v, equal_nan=True), (n, a)
+            assert np.array_equal(hc, want_c), (n, a)
+            assert (hv[:d] == 7.5).all() and (hc[:d] == 7.5).all()
+            if not coded:
+                assert (hc == 7.5).all()

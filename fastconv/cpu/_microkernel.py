@@ -727,3 +727,74 @@ def winograd_output_band(typingctx, mf, base, stride, y, top, bottom, count, bia
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ------------------------------------------------------------------------ pooling
+@intrinsic
+def window_max3_s2(typingctx, x, a, hv, hc, d, n, coded):
+    """hv[d + t] = the max of x[a + 2t + j], j = 0, 1, 2, in that order (a later tap wins if
+    greater or NaN), and, if ``coded``, hc[d + t] = its j (as a float32), for t < n. x, hv:
+    1-D contiguous arrays of one float dtype; hc: 1-D contiguous float32. Reads and writes
+    only those elements (masked at the end).
+
+    Why IR: written as a Numba loop, LLVM groups two of the three stride-2 taps into one
+    interleaved load and gathers the third (two ``vgatherqps`` per 16 windows, the hottest
+    instructions of 3x3/s2 max pooling). Here each block of L windows is four plain loads:
+    the evens and odds of x[a + 2q ...] are taps 0 and 1, the evens of x[a + 2q + 2 ...] tap 2.
+    """
+    if not (_float_runs((x, hv), (a, d, n)) and isinstance(hc, types.Array) and hc.ndim == 1
+            and hc.layout == "C" and hc.dtype == types.float32
+            and isinstance(coded, types.Boolean)):
+        return None
+    sig = types.void(x, a, hv, hc, d, n, coded)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        xp, a_v, hvp, hcp, d_v, n_v, coded_v = _band_args(context, builder, signature, args)
+        lv = _Lanes(context, builder, signature.args[0].dtype)
+        cty = ir.VectorType(ir.FloatType(), lv.n)
+        cstore = b.module.declare_intrinsic(
+            f"llvm.masked.store.v{lv.n}f32.p0", (),
+            ir.FunctionType(ir.VoidType(), [cty, cty.as_pointer(), lv.i32, lv.mty]))
+        code_of = [ir.Constant(cty, [float(j)] * lv.n) for j in range(3)]
+        every = ir.Constant(lv.mty, [1] * lv.n)
+
+        def block(q, left, coded, masked):
+            base = b.add(a_v, b.mul(q, lv.const(2)))
+            reach = b.add(b.mul(left, lv.const(2)), lv.const(1))  # elements left to read
+            vec = [lv.load(xp, b.add(base, lv.const(s)),
+                           lv.below(b.sub(reach, lv.const(s))) if masked else every)
+                   for s in (0, lv.n, 2, lv.n + 2)]
+            taps = (lv.evens(vec[0], vec[1]), lv.odds(vec[0], vec[1]),
+                    lv.evens(vec[2], vec[3]))
+            best, code = taps[0], code_of[0]
+            for j in (1, 2):
+                v = taps[j]
+                take = b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v))
+                best = b.select(take, v, best)
+                code = b.select(take, code_of[j], code)
+            live = lv.below(left) if masked else every
+            at = b.add(d_v, q)
+            lv.store(best, hvp, at, live)
+            if coded:
+                ptr = b.bitcast(b.gep(hcp, [at]), cty.as_pointer())
+                b.call(cstore, [code, ptr, ir.Constant(lv.i32, 4), live])
+
+        # A loop per case, and within it plain loads and stores but for the last block
+        # (masks computed per block cost about as much as the work).
+        with b.if_else(coded_v) as (then, otherwise):
+            for coded, arm in ((True, then), (False, otherwise)):
+                with arm:
+                    with lv.blocks(n_v) as q:
+                        left = b.sub(n_v, q)  # windows from this block on
+                        # Unmasked, a block reads 2L + 2 elements from its first window's:
+                        # the windows' own while more than L windows are left.
+                        tail = b.icmp_signed("<=", left, lv.const(lv.n))
+                        with b.if_else(tail) as (last, inner):
+                            with last:
+                                block(q, left, coded, True)
+                            with inner:
+                                block(q, left, coded, False)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -37,7 +37,8 @@ from numba import njit, prange
 
 from .._args import Pool2dParams, bad_pool_indices
 from . import _runtime
-from ._microkernel import prefer_wide_vectors, prefetch_run, stream_fence, stream_run
+from ._microkernel import (prefer_wide_vectors, prefetch_run, stream_fence, stream_run,
+                           window_max3_s2)
 from ._runtime import engine_threads, float32_for_half, parallel_region
 from ._window import (U1, U2, U64, add_at, copy_at, cover_table, covering_rows, fill_at, first_tap,
                       phase_merge, phase_split, tap_table)
@@ -328,6 +329,11 @@ def _interior_maxima(x, r0, hv, hc, h0, kw, sw, pw, c0, c1, coded):
     # stay in x (the next rows), but on the last rows.
     a = U64(r0 + c0 * sw - pw)
     d = U64(h0 + c0)
+    if sw == 2 and kw == 3:
+        # Three taps at stride 2 (3x3/s2/p1, ResNet's pooling): plain loads, no gathers,
+        # and masked at the row's end (see window_max3_s2).
+        window_max3_s2(x, a, hv, hc, d, U64(c1 - c0), coded)
+        return
     n = _padded(c1 - c0)
     if r0 + (c0 + n) * sw + kw > x.size:
         n = c1 - c0
