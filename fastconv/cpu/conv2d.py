@@ -1485,11 +1485,11 @@ def _winograd_filter_kernel(w4, U, transposed):
     # gradient) it took 0.76 ms (+0.82) for 256 x 256 filters: a fifth of the conv's forward
     # on 14x14, batch 8.
     ls = _plane_stride(n_in, 8)
+    step = -1 if transposed else 1  # flipped: tap m of g is tap 8 - m of w4[i, o]
     for o in prange(n_out):
         g = np.empty(9 * ls, dtype=w4.dtype)
         for i in range(n_in):
             at = ((i * n_out + o) * 9 + 8) if transposed else (o * n_in + i) * 9
-            step = -1 if transposed else 1
             for m in range(9):
                 g[m * ls + i] = src[at + step * m]
         for a in range(4):  # row a of t = G g, then U[4a + b] = (t G^T)[a, b]
