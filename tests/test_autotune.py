@@ -134,11 +134,13 @@ OFFERS = [
     # A Winograd layer whose channels fill the tiles' vectors (16 of float32's 16 lanes); the
     # weight gradient always offers im2col and BLAS too.
     (((2, 16, 14, 14), (16, 16, 3, 3), dict(padding=1)),
-     {"conv2d_forward": ["winograd", "tiles"], "conv2d_backward_input": ["winograd", "tiles"],
+     {"conv2d_forward": ["winograd", "winograd4", "tiles"],
+      "conv2d_backward_input": ["winograd", "winograd4", "tiles"],
       "conv2d_backward_weight": ["winograd", "tiles", "gemm"]}),
     # Dilated: the weight gradient's alternative is im2col and BLAS (no tiles for dW > 1).
     (((2, 16, 26, 25), (16, 16, 3, 3), dict(padding=2, dilation=2)),
-     {"conv2d_forward": ["winograd", "tiles"], "conv2d_backward_input": ["winograd", "tiles"],
+     {"conv2d_forward": ["winograd", "winograd4", "tiles"],
+      "conv2d_backward_input": ["winograd", "winograd4", "tiles"],
       "conv2d_backward_weight": ["winograd", "gemm"]}),
     # A 1x1 layer read as it is, small weights: tiles first forward, the GEMM first backward.
     (((2, 32, 9, 11), (24, 32, 1, 1), {}),
@@ -148,7 +150,7 @@ OFFERS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("algorithm", ["winograd", "tiles", "gemm"])
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "tiles", "gemm"])
 @pytest.mark.parametrize("case", OFFERS, ids=lambda c: f"{c[0][0]}x{c[0][1]}")
 def test_every_offered_algorithm_matches_torch(case, algorithm, dtype, monkeypatch):
     """Each algorithm a pass offers computes it: forward and both gradients against PyTorch
@@ -184,7 +186,8 @@ def test_a_measured_layer_runs_its_choice(monkeypatch):
     assert {k[0] for k in made} == {"conv2d_forward", "conv2d_backward_input",
                                     "conv2d_backward_weight"}
     assert {k[0]: set(v["seconds"]) for k, v in made.items()} == {
-        "conv2d_forward": {"winograd", "tiles"}, "conv2d_backward_input": {"winograd", "tiles"},
+        "conv2d_forward": {"winograd", "winograd4", "tiles"},
+        "conv2d_backward_input": {"winograd", "winograd4", "tiles"},
         "conv2d_backward_weight": {"winograd", "tiles", "gemm"}}
     y1 = fastconv.conv2d(x, w, padding=1)
     again = torch.autograd.grad(fastconv.conv2d(x, w, padding=1), (x, w), gy)

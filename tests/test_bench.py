@@ -88,7 +88,7 @@ def test_records_the_algorithms_fastconv_chose(monkeypatch):
     assert set(made) == {"conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"}
     for name, choice in made.items():  # the weight gradient also offers im2col + BLAS
         assert set(choice["seconds"]) == {"winograd", "tiles"} | (
-            {"gemm"} if name == "conv2d_backward_weight" else set())
+            {"gemm"} if name == "conv2d_backward_weight" else {"winograd4"})
         assert choice["chosen"] in choice["seconds"]
     theirs = benchmark.run_case(shape, "torch", "fwdbwd", "cpu", torch.float32, 1, 0)
     assert "algorithms" not in theirs

@@ -556,20 +556,32 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
 ]
 
 
+@pytest.mark.parametrize("tile", ["winograd", "winograd4"])
 @pytest.mark.parametrize("chunks", ["default", "one-tile-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_winograd_layers(dtype, shapes, chunks, monkeypatch):
-    """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) forward and
-    input gradient, F(3x3, 2x2) weight gradient, per dilation phase; on planes of any size
+def test_winograd_layers(dtype, shapes, chunks, tile, monkeypatch):
+    """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) (``tile``
+    "winograd") or F(4x4, 3x3) ("winograd4") forward and input gradient, F(3x3, 2x2) weight
+    gradient, per dilation phase; on planes of any size
     (the engine takes Winograd from 12x12 on: the small ones are its edge cases), with the
     chunk sizes the engine uses (these small layers fit one chunk) and with one tile row per
     forward chunk and 7 tiles per weight-gradient chunk (several chunks, short last ones).
     Error bound: a few PyTorch-sized errors plus 8 ulp of the tensor's largest condition
     scale (Winograd mixes a tile's terms, see helpers)."""
     from fastconv._args import conv2d_params
+    from fastconv.cpu import _autotune
     from fastconv.cpu import conv2d as cpu_conv2d
 
+    ran = set()
+
+    def run(key, candidates, flops):  # every pass with a choice runs Winograd
+        name = tile if tile in candidates else "winograd"
+        candidates[name]()
+        ran.add((key[0], name))
+        return name
+
+    monkeypatch.setattr(_autotune, "run", run)
     monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_MIN_PLANE", 1)
     if chunks == "one-tile-row":
         monkeypatch.setattr(cpu_conv2d, "_WINOGRAD_BYTES", 1)
@@ -582,6 +594,8 @@ def test_winograd_layers(dtype, shapes, chunks, monkeypatch):
     x, w, b = (torch.randn(s, generator=gen) for s in (xs, ws, ws[:1]))
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts,
                          scale="tensor")
+    assert ran == {("conv2d_forward", tile), ("conv2d_backward_input", tile),
+                   ("conv2d_backward_weight", "winograd")}
 
 
 @pytest.mark.parametrize("shapes, winograd", [

@@ -15,7 +15,8 @@ import pytest
 from fastconv.cpu import _microkernel
 from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
                                        prefetch_run, stream_fence, stream_run, tile_fma,
-                                       transpose_block, window_max3_s2, winograd_grad_band,
+                                       transpose_block, window_max3_s2, winograd4_input_band,
+                                       winograd4_output_band, winograd_grad_band,
                                        winograd_input_band, winograd_output_band)
 from helpers import AVX512_FEATURES, run_for_target
 
@@ -255,6 +256,8 @@ def test_256_bit_build_of_the_tiles(tmp_path):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
             t.test_stream_run_moves_exactly_its_run(dtype)
             t.test_transpose_block_moves_exactly_its_block(dtype)
+            t.test_winograd4_input_band_is_the_transform_of_its_patches(dtype)
+            t.test_winograd4_output_band_writes_its_rows_and_columns_only(dtype)
             for coded in (True, False):
                 t.test_window_max3_s2_is_the_tap_order_max(dtype, coded)
         from helpers import assert_matches_torch
@@ -300,17 +303,23 @@ def _rows_in_nan(rng, dtype, w, count):
     return x, offs
 
 
-def _planes_out(dtype, n, base=5):
-    """(sentinel-filled flat planes, base, stride) for 16 planes of n tiles."""
+def _planes_out(dtype, n, base=5, planes=16):
+    """(sentinel-filled flat planes, base, stride) for ``planes`` planes of n tiles."""
     stride = n + 3
-    return np.full(base + 16 * stride + 2 * lanes(dtype), 7.5, dtype), base, stride
+    return np.full(base + planes * stride + 2 * lanes(dtype), 7.5, dtype), base, stride
 
 
-def _check_planes(vf, base, stride, n, want):
-    got = np.stack([vf[base + k * stride:base + k * stride + n] for k in range(16)])
-    assert np.array_equal(got, want)
+def _check_planes(vf, base, stride, n, want, rtol=0.0):
+    """Planes equal to ``want`` (bit for bit, or within ``rtol`` of the planes' largest
+    value), the sentinels around them untouched."""
+    planes = len(want)
+    got = np.stack([vf[base + k * stride:base + k * stride + n] for k in range(planes)])
+    if rtol:
+        assert np.abs(got - want).max() <= rtol * np.abs(want).max()
+    else:
+        assert np.array_equal(got, want)
     mask = np.ones(vf.size, bool)
-    for k in range(16):
+    for k in range(planes):
         mask[base + k * stride:base + k * stride + n] = False
     assert (vf[mask] == 7.5).all()
 
@@ -391,6 +400,73 @@ def test_winograd_output_band_writes_its_columns_only(dtype):
                     cols[1::2] = ((bias + s[1]) - s[2]) - s[3]
                     want[row:row + count] = cols[:count]
                 assert np.array_equal(y, want), (n, count, two_rows)
+
+
+# F(4x4, 3x3)'s bands fuse their multiply-adds, so they are checked against float64 within a
+# few units of roundoff, not bit for bit; NaN around the rows and sentinels as above.
+@numba.njit
+def _input4_band(x, r, left, w, vf, base, stride, n):
+    winograd4_input_band(x, r[0], r[1], r[2], r[3], r[4], r[5], left, w, vf, base, stride, n)
+
+
+@numba.njit
+def _output4_band(mf, base, stride, y, r, count, bias, n):
+    winograd4_output_band(mf, base, stride, y, r[0], r[1], r[2], r[3], count, bias, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd4_input_band_is_the_transform_of_its_patches(dtype):
+    """Element k of B^T d B per tile (``WINOGRAD4_BT``), d read from six rows (or zero rows)
+    at a column offset that starts in the padding, ends past the row, or neither."""
+    rng = np.random.default_rng(21)
+    bt = np.array(_microkernel.WINOGRAD4_BT)
+    eps = np.finfo(dtype).eps
+    for n in _band_lengths(dtype):
+        for w, left in [(4 * n + 2, 0), (4 * n, -1), (4 * n - 1, -2), (2 * n + 3, 1), (1, -1),
+                        (4 * n + 9, 3)]:
+            x, offs = _rows_in_nan(rng, dtype, w, 6)
+            for rows in (offs, [offs[0], -1, offs[2], -1, offs[4], -1], [-1] * 5 + [offs[5]]):
+                vf, base, stride = _planes_out(dtype, n, planes=36)
+                _input4_band(x, np.array(rows, np.int64), left, w, vf, base, stride, n)
+                d = np.zeros((n, 6, 6))  # tile, patch row, column
+                for a, r in enumerate(rows):
+                    for t in range(n):
+                        for b in range(6):
+                            c = left + 4 * t + b
+                            if r >= 0 and 0 <= c < w:
+                                d[t, a, b] = x[r + c]
+                want = np.einsum("ia,tab,jb->ijt", bt, d, bt).reshape(36, n)
+                _check_planes(vf, base, stride, n, want, rtol=32 * eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd4_output_band_writes_its_rows_and_columns_only(dtype):
+    """bias + A^T M A per tile (``WINOGRAD4_AT``) into up to four output rows, columns up to
+    ``count`` (the last tile cut after 1, 2 or 3 columns), reading only the band's tiles."""
+    rng = np.random.default_rng(22)
+    at = np.array(_microkernel.WINOGRAD4_AT)
+    eps = np.finfo(dtype).eps
+    for n in _band_lengths(dtype):
+        for count in (4 * n, 4 * n - 1, 4 * n - 2, 4 * n - 3):
+            stride = n + 4
+            mf = np.full(3 + 36 * stride + 2 * lanes(dtype), np.nan, dtype)
+            m = rng.standard_normal((36, n)).astype(dtype)
+            for k in range(36):
+                mf[3 + k * stride:3 + k * stride + n] = m[k]
+            bias = dtype(rng.standard_normal())
+            tiles = np.einsum("ua,abt,vb->tuv", at, m.astype(np.float64).reshape(6, 6, n), at)
+            for live in (4, 3, 1):
+                y = np.full(4 * (count + 20) + 10, 7.5, dtype)
+                rows = [10 + u * (count + 20) if u < live else -1 for u in range(4)]
+                _output4_band(mf, 3, stride, y, np.array(rows, np.int64), count, bias, n)
+                want = np.full(y.size, 7.5)
+                for u in range(live):
+                    want[rows[u]:rows[u] + count] = \
+                        (float(bias) + tiles[:, u, :]).reshape(-1)[:count]
+                written = want != 7.5
+                assert (y[~written] == 7.5).all(), (n, count, live)
+                scale = np.abs(m).max() * 16 + abs(float(bias))
+                assert np.abs(y[written] - want[written]).max() <= 32 * eps * scale
 
 
 # ---- Max pooling's window maxima (3 taps at stride 2)

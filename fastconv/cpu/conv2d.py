@@ -42,6 +42,7 @@ requires.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -51,7 +52,8 @@ from numba import njit, prange
 from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
-from ._microkernel import (copy_run, tile_fma, transpose_block, winograd_grad_band,
+from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, transpose_block,
+                           winograd4_input_band, winograd4_output_band, winograd_grad_band,
                            winograd_input_band, winograd_output_band)
 from ._window import (U2, U64, add_at, col_range, copy_at, fill, fill_at, front,
                       phase_merge, phase_split)
@@ -1405,6 +1407,14 @@ def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
 # add and subtract (B, A) or halve (G), so float32 results differ from direct convolution by
 # a few more roundings: on the bench's 3x3 layers the worst error against a float64 result
 # was 1-3x PyTorch's own (see README).
+# F(4x4, 3x3) (``_microkernel.WINOGRAD4_*``) is the other candidate for the forward and input
+# gradient: 36 GEMMs per chunk over 4x4 output tiles, 1.78x fewer multiplies than F(2x2) on
+# planes that are whole tiles of both. Its float32 error is larger, 5-10x PyTorch's against
+# float64 (6x6 transforms with entries up to 8), within the tests' bound (8 ulp of the
+# largest condition scale, sum |x||w|); the autotuner takes it where it is measured faster,
+# the rule-based choice stays F(2x2). Engine calls, 2 threads, ms, F(2x2) / F(4x4): 64 on
+# 56x56 forward 3.42 / 2.45, input gradient 3.26 / 2.45; VGG's 128 on 112x112 10.6 / 7.9,
+# 10.7 / 7.8; 256 on 14x14 (4x4 tiles cover 16x16) 3.43 / 3.45, 3.82 / 3.60.
 # Tiles per work item: V and M (16 x channels x tiles each) in about this many bytes. Half a
 # 1 MiB L2 (512 KiB) when OpenBLAS ran the 16 GEMMs; MKL runs wider GEMMs (more tiles) better
 # than it loses to V and M spilling out of L2: Xeon, 2 MiB L2, 2 threads, ms at 512 KiB / 4
@@ -1471,6 +1481,17 @@ def _g_row(a, g0, g1, g2):
     return g2
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _gather_taps(src, o, n_out, n_in, ls, transposed, g):
+    """g[m*ls + i] = tap m (of 9) of filter (o, i): w4[o, i] as ``src`` (w4 flattened), or
+    with ``transposed`` w4[i, o] flipped (tap m is its tap 8 - m)."""
+    step = -1 if transposed else 1
+    for i in range(n_in):
+        at = ((i * n_out + o) * 9 + 8) if transposed else (o * n_in + i) * 9
+        for m in range(9):
+            g[m * ls + i] = src[at + step * m]
+
+
 @njit(cache=True, parallel=True)
 def _winograd_filter_kernel(w4, U, transposed):
     """U[:, o, i] = G g G^T flattened (16,), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],
@@ -1485,13 +1506,9 @@ def _winograd_filter_kernel(w4, U, transposed):
     # gradient) it took 0.76 ms (+0.82) for 256 x 256 filters: a fifth of the conv's forward
     # on 14x14, batch 8.
     ls = _plane_stride(n_in, 8)
-    step = -1 if transposed else 1  # flipped: tap m of g is tap 8 - m of w4[i, o]
     for o in prange(n_out):
         g = np.empty(9 * ls, dtype=w4.dtype)
-        for i in range(n_in):
-            at = ((i * n_out + o) * 9 + 8) if transposed else (o * n_in + i) * 9
-            for m in range(9):
-                g[m * ls + i] = src[at + step * m]
+        _gather_taps(src, o, n_out, n_in, ls, transposed, g)
         for a in range(4):  # row a of t = G g, then U[4a + b] = (t G^T)[a, b]
             out0, out1, out2, out3 = U[4 * a, o], U[4 * a + 1, o], U[4 * a + 2, o], \
                 U[4 * a + 3, o]
@@ -1505,13 +1522,43 @@ def _winograd_filter_kernel(w4, U, transposed):
                 out3[i] = t2
 
 
-def _winograd_filter(w: np.ndarray, transposed: bool = False) -> np.ndarray:
-    """w (C_out, C_in, 3, 3) -> U (16, C_out, C_in) = G w G^T; ``transposed``: U (16, C_in,
-    C_out) for w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), the input gradient's filters."""
+_G4 = np.array(WINOGRAD4_G)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _g4_row(a, g0, g1, g2):
+    """Row a of F(4x4, 3x3)'s G (``WINOGRAD4_G``) times the column (g0, g1, g2), in float64."""
+    return _G4[a, 0] * float(g0) + _G4[a, 1] * float(g1) + _G4[a, 2] * float(g2)
+
+
+@njit(cache=True, parallel=True)
+def _winograd4_filter_kernel(w4, U, transposed):
+    """U[:, o, i] = G g G^T flattened (36,) for F(4x4, 3x3), as ``_winograd_filter_kernel``
+    (the same gather into 9 tap rows, the same flip for ``transposed``)."""
+    n_out, n_in = U.shape[1], U.shape[2]
+    src = w4.reshape(-1)
+    ls = _plane_stride(n_in, 8)
+    for o in prange(n_out):
+        g = np.empty(9 * ls, dtype=w4.dtype)
+        _gather_taps(src, o, n_out, n_in, ls, transposed, g)
+        for a in range(6):  # row a of t = G g, then U[6a + b] = (t G^T)[a, b]
+            for i in range(n_in):
+                t0 = _g4_row(a, g[i], g[3 * ls + i], g[6 * ls + i])
+                t1 = _g4_row(a, g[ls + i], g[4 * ls + i], g[7 * ls + i])
+                t2 = _g4_row(a, g[2 * ls + i], g[5 * ls + i], g[8 * ls + i])
+                for b in range(6):
+                    U[6 * a + b, o, i] = _g4_row(b, t0, t1, t2)
+
+
+def _winograd_filter(w: np.ndarray, transposed: bool = False, m: int = 2) -> np.ndarray:
+    """w (C_out, C_in, 3, 3) -> U ((m+2)^2, C_out, C_in) = G w G^T for F(m x m, 3x3), m = 2
+    or 4; ``transposed``: U (.., C_in, C_out) for w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3),
+    the input gradient's filters."""
     n_out, n_in = (w.shape[1], w.shape[0]) if transposed else w.shape[:2]
-    U = np.empty((16, n_out, n_in), dtype=w.dtype)
+    U = np.empty(((m + 2) ** 2, n_out, n_in), dtype=w.dtype)
+    kernel = _winograd_filter_kernel if m == 2 else _winograd4_filter_kernel
     with parallel_region(n_out):
-        _winograd_filter_kernel(np.ascontiguousarray(w), U, transposed)
+        kernel(np.ascontiguousarray(w), U, transposed)
     return U
 
 
@@ -1557,21 +1604,56 @@ def _winograd_output(mf, stride, tiles, y3, b1, ph, dh, hu, wv, th0, th1, tw_n, 
 
 
 @njit(cache=True, nogil=True)
-def _phase(ho, wo, dh, dw, phase):
-    """Phase ``phase`` of a dilated output: (ph, pw, hu, wv, tile rows, tile columns). Outputs
-    (ph + dh*u, pw + dw*v) read input rows ph - pt + dh*(u + i): an undilated 3x3 conv on that
-    sub-lattice, which Winograd tiles as usual."""
-    ph, pw = phase // dw, phase % dw
-    hu, wv = max(0, (ho - ph + dh - 1) // dh), max(0, (wo - pw + dw - 1) // dw)
-    return ph, pw, hu, wv, (hu + 1) // 2, (wv + 1) // 2
+def _winograd4_input(x3, vf, stride, tiles, top, left, dh, th0, th1, tw_n, t_off):
+    """``_winograd_input`` for F(4x4, 3x3): 36 planes, d the 6x6 patch of input rows
+    top + dh*(4*th + a), columns left + 4*tw + b. See ``winograd4_input_band``."""
+    c_in, h, w = x3.shape
+    xf = x3.reshape(-1)
+    for c in range(c_in):
+        for th in range(th0, th1):
+            ih = top + dh * 4 * th
+            winograd4_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
+                                 _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
+                                 _row_at(c, ih + 4 * dh, h, w), _row_at(c, ih + 5 * dh, h, w),
+                                 left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride,
+                                 tw_n)
 
 
 @njit(cache=True, nogil=True)
-def _image_tiles(ho, wo, dh, dw):
-    """2x2 output tiles of one (Ho, Wo) output image, over all its dilation phases."""
+def _winograd4_output(mf, stride, tiles, y3, b1, ph, dh, hu, wv, th0, th1, tw_n, t_off):
+    """``_winograd_output`` for F(4x4, 3x3): tile (th, tw) holds outputs (ph + dh*u, v) for
+    u in [4*th, 4*th + 4) below hu and v in [4*tw, 4*tw + 4) below wv. See
+    ``winograd4_output_band``."""
+    c_out, ho, wo = y3.shape
+    yf = y3.reshape(-1)
+    for co in range(c_out):
+        base = co * ho + ph
+        for th in range(th0, th1):
+            u = 4 * th
+            r0 = (base + dh * u) * wo
+            r1 = (base + dh * (u + 1)) * wo if u + 1 < hu else -1
+            r2 = (base + dh * (u + 2)) * wo if u + 2 < hu else -1
+            r3 = (base + dh * (u + 3)) * wo if u + 3 < hu else -1
+            winograd4_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf, r0,
+                                  r1, r2, r3, wv, b1[co], tw_n)
+
+
+@njit(cache=True, nogil=True)
+def _phase(ho, wo, dh, dw, phase, m):
+    """Phase ``phase`` of a dilated output: (ph, pw, hu, wv, tile rows, tile columns) for m x m
+    output tiles. Outputs (ph + dh*u, pw + dw*v) read input rows ph - pt + dh*(u + i): an
+    undilated 3x3 conv on that sub-lattice, which Winograd tiles as usual."""
+    ph, pw = phase // dw, phase % dw
+    hu, wv = max(0, (ho - ph + dh - 1) // dh), max(0, (wo - pw + dw - 1) // dw)
+    return ph, pw, hu, wv, (hu + m - 1) // m, (wv + m - 1) // m
+
+
+@njit(cache=True, nogil=True)
+def _image_tiles(ho, wo, dh, dw, m):
+    """m x m output tiles of one (Ho, Wo) output image, over all its dilation phases."""
     tiles = 0
     for phase in range(dh * dw):
-        _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+        _, _, _, _, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
         tiles += th_n * tw_n
     return tiles
 
@@ -1592,20 +1674,22 @@ def _winograd_forward(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, rows, per):
     (Ho, Wo) output; xs5 (N, dW, C_in, H, W/dW) and ys5 (N, dW, C_out, Ho, Wo/dW) hold the
     input's and output's column phases (``_column_phases``). Work items: (image, dilation
     phase, chunk of ``rows`` tile rows), or with ``per`` > 1 groups of ``per`` whole images
-    (small planes)."""
+    (small planes). F(2x2, 3x3) or F(4x4, 3x3), as U has 16 or 36 planes."""
     n_img, c_in, c_out = xs5.shape[0], xs5.shape[2], ys5.shape[2]
     phases = dh * dw
+    planes = U.shape[0]
+    m = 2 if planes == 16 else 4
     if per > 1:
-        tiles_img = _image_tiles(ho, wo, dh, dw)
+        tiles_img = _image_tiles(ho, wo, dh, dw, m)
         for grp in prange((n_img + per - 1) // per):
             n0, n1 = grp * per, min(n_img, grp * per + per)
             tiles = (n1 - n0) * tiles_img
             _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles)
         return
-    chunks = ((-(-ho // dh) + 1) // 2 + rows - 1) // rows  # phase 0 has the most tile rows
+    chunks = ((-(-ho // dh) + m - 1) // m + rows - 1) // rows  # phase 0 has the most tile rows
     for item in prange(n_img * phases * chunks):
         n, rest = item // (phases * chunks), item % (phases * chunks)
-        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, rest // chunks)
+        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, rest // chunks, m)
         th0 = (rest % chunks) * rows
         if th0 >= th_n or tw_n == 0:
             continue
@@ -1613,42 +1697,58 @@ def _winograd_forward(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, rows, per):
         tiles = (th1 - th0) * tw_n
         vs, ms = _plane_stride(c_in * tiles, xs5.itemsize), _plane_stride(c_out * tiles,
                                                                           xs5.itemsize)
-        V = np.empty(16 * vs, dtype=xs5.dtype)
-        M = np.empty(16 * ms, dtype=xs5.dtype)
+        V = np.empty(planes * vs, dtype=xs5.dtype)
+        M = np.empty(planes * ms, dtype=xs5.dtype)
         r, left = _column_phase(pw, pl, dw)
-        _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
-        for k in range(16):
+        if m == 2:
+            _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
+        else:
+            _winograd4_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n, 0)
+        for k in range(planes):
             _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
-        _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n)
+        if m == 2:
+            _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n)
+        else:
+            _winograd4_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n, 0)
 
 
 @njit(cache=True, nogil=True)
 def _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles):
     """Images [n0, n1) as one chunk of ``tiles`` tiles, every phase and tile row: one set of
-    16 GEMMs for them all."""
+    GEMMs (one per transform plane) for them all."""
     c_in, c_out = xs5.shape[2], ys5.shape[2]
+    planes = U.shape[0]
+    m = 2 if planes == 16 else 4
     vs, ms = _plane_stride(c_in * tiles, xs5.itemsize), _plane_stride(c_out * tiles,
                                                                       xs5.itemsize)
-    V = np.empty(16 * vs, dtype=xs5.dtype)
-    M = np.empty(16 * ms, dtype=xs5.dtype)
+    V = np.empty(planes * vs, dtype=xs5.dtype)
+    M = np.empty(planes * ms, dtype=xs5.dtype)
     t_off = 0
     for n in range(n0, n1):
         for phase in range(dh * dw):
-            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
             if tw_n > 0:
                 r, left = _column_phase(pw, pl, dw)
-                _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n, tw_n,
-                                t_off)
+                if m == 2:
+                    _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n, tw_n,
+                                    t_off)
+                else:
+                    _winograd4_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n,
+                                     tw_n, t_off)
                 t_off += th_n * tw_n
-    for k in range(16):
+    for k in range(planes):
         _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
     t_off = 0
     for n in range(n0, n1):
         for phase in range(dh * dw):
-            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+            ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
             if tw_n > 0:
-                _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n, tw_n,
-                                 t_off)
+                if m == 2:
+                    _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n,
+                                     tw_n, t_off)
+                else:
+                    _winograd4_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n,
+                                      tw_n, t_off)
                 t_off += th_n * tw_n
 
 
@@ -1727,7 +1827,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
     n_img, c_in, c_out = xs5.shape[0], xs5.shape[2], gys5.shape[2]
     chunks_p = part.shape[0]
     tw_max = (-(-wo // dw) + 1) // 2
-    tiles_img = _image_tiles(ho, wo, dh, dw)
+    tiles_img = _image_tiles(ho, wo, dh, dw, 2)
     tiles_max = max(rows * tw_max, per * tiles_img)
     for p in prange(chunks_p):
         acc = part[p]
@@ -1744,7 +1844,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                 t_off = 0
                 for n in range(g0, g1):
                     for phase in range(dh * dw):
-                        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+                        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, 2)
                         if tw_n == 0:
                             continue
                         r, left = _column_phase(pw, pl, dw)
@@ -1757,7 +1857,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
             continue
         for n in range(n0, n1):
             for phase in range(dh * dw):
-                ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase)
+                ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, 2)
                 if tw_n == 0:
                     continue
                 r, left = _column_phase(pw, pl, dw)
@@ -1836,11 +1936,11 @@ def _is_winograd(params: Conv2dParams, weight_shape, out_hw) -> bool:
         min(-(-ho // dh), -(-wo // dw)) >= _WINOGRAD_MIN_PLANE
 
 
-def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int) -> int:
-    """Tile rows per work item: V and M (or U) within _WINOGRAD_BYTES."""
-    th_n = (-(-out_hw[0] // dilation[0]) + 1) // 2
-    tw_n = (-(-out_hw[1] // dilation[1]) + 1) // 2
-    tiles = _WINOGRAD_BYTES // (16 * (c_in + c_out) * itemsize)
+def _winograd_rows(c_in: int, c_out: int, out_hw, dilation, itemsize: int, m: int = 2) -> int:
+    """Tile rows (of m x m tiles) per work item: V and M within _WINOGRAD_BYTES."""
+    th_n = (-(-out_hw[0] // dilation[0]) + m - 1) // m
+    tw_n = (-(-out_hw[1] // dilation[1]) + m - 1) // m
+    tiles = _WINOGRAD_BYTES // ((m + 2) ** 2 * (c_in + c_out) * itemsize)
     return max(1, min(th_n, tiles // tw_n))
 
 
@@ -1849,8 +1949,9 @@ def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt:
     n, c_in = x.shape[:2]
     c_out, ho, wo = y.shape[1:]
     dh, dw = dilation
-    rows = _winograd_rows(c_in, c_out, (ho, wo), dilation, x.itemsize)
-    tiles_img = _image_tiles(ho, wo, dh, dw)
+    m = 2 if U.shape[0] == 16 else 4
+    rows = _winograd_rows(c_in, c_out, (ho, wo), dilation, x.itemsize, m)
+    tiles_img = _image_tiles(ho, wo, dh, dw, m)
     per = 1
     if tiles_img < _WINOGRAD_MIN_TILES:
         per = min(-(-_WINOGRAD_MIN_TILES // tiles_img), -(-n // engine_threads()))
@@ -1860,7 +1961,7 @@ def _winograd(x: np.ndarray, U: np.ndarray, bias: np.ndarray, y: np.ndarray, pt:
         with parallel_region(-(-n // per)):
             _winograd_forward(xs, U, bias, ys, ho, wo, pt, pl, dh, dw, rows, per)
     else:
-        with parallel_region(n * dh * dw * -(-((-(-ho // dh) + 1) // 2) // rows)):
+        with parallel_region(n * dh * dw * -(-((-(-ho // dh) + m - 1) // m) // rows)):
             _winograd_forward(xs, U, bias, ys, ho, wo, pt, pl, dh, dw, rows, 1)
     if dw > 1:
         with parallel_region(n * c_out):
@@ -1925,9 +2026,9 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     g = params.groups
     direct = _is_direct(params, (kh, kw), (h, w), (ho, wo))
 
-    def winograd():
+    def winograd(m=2):
         top, _, left, _ = params.padding
-        _winograd(xn, _winograd_filter(wn), b1, yn, top, left, params.dilation)
+        _winograd(xn, _winograd_filter(wn, m=m), b1, yn, top, left, params.dilation)
 
     def tiles():
         _tile_conv(xn, wn, b1, yn, params)
@@ -1950,6 +2051,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     candidates = {}
     if _is_winograd(params, weight.shape, (ho, wo)):
         candidates["winograd"] = winograd
+        candidates["winograd4"] = functools.partial(winograd, 4)
     tiles_ok = _tiles_fill_lanes(c_out // g, xn.dtype, FORWARD_MIN_FILL)
     if not tiles_ok or (direct and cin_g * (c_out // g) * xn.itemsize >= _DIRECT_GEMM_BYTES):
         candidates["gemm"] = gemm
@@ -1999,13 +2101,13 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
         return gx
     direct = _is_direct(params, (kh, kw), (h, w), (ho, wo))
 
-    def winograd():
+    def winograd(m=2):
         # The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of grad_out with
         # the filters flipped and transposed, at padding 2*dilation - pad.
         top, _, left, _ = params.padding
         dh, dw = params.dilation
-        _winograd(gyn, _winograd_filter(wn, transposed=True), np.zeros(c_in, wn.dtype), gxn,
-                  2 * dh - top, 2 * dw - left, params.dilation)
+        _winograd(gyn, _winograd_filter(wn, transposed=True, m=m), np.zeros(c_in, wn.dtype),
+                  gxn, 2 * dh - top, 2 * dw - left, params.dilation)
 
     def tiles():  # one stride-1 conv per input phase (see _input_grad_tiles)
         _input_grad_tiles(gyn, wn, gxn, params)
@@ -2029,6 +2131,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     candidates = {}
     if _is_winograd(params, weight.shape, (ho, wo)):
         candidates["winograd"] = winograd
+        candidates["winograd4"] = functools.partial(winograd, 4)
     tiles_ok = _tiles_fill_lanes(cin_g, gxn.dtype, INPUT_GRAD_MIN_FILL)
     if tiles_ok and not direct and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
         candidates["tiles"] = tiles
@@ -2077,7 +2180,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
             rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
             # Small planes: whole images per chunk (see _WINOGRAD_WGRAD_IMAGE_TILES).
             per = max(1, min(-(-n // chunks), _WINOGRAD_WGRAD_IMAGE_TILES //
-                             _image_tiles(ho, wo, dh, dw)))
+                             _image_tiles(ho, wo, dh, dw, 2)))
             _winograd_backward_weight(gys, xs, part, ho, wo, top, left, dh, dw, rows, per)
         with parallel_region(c_out):
             _winograd_weight_output(part, gwn)
