@@ -191,13 +191,13 @@ STRIDED = {
     # Winograd's transforms, a band of 15 tiles of 8 channels on 30x30: patch columns 2t, 2t+1
     # (and the output's) split and merged by shuffles (``_microkernel.winograd_*_band``)
     "conv2d._winograd_input": lambda: (conv2d._winograd_input, _f32(7200).reshape(8, 30, 30),
-                                       _f32(16 * 1936), 1936, 225, -1, -1, 1, 0, 15, 15, 0),
+                                       _f32(16 * 1936), 1936, 225, -1, -1, 1, 0, 15, 15, 0, 2),
     "conv2d._winograd_grad_tiles": lambda: (conv2d._winograd_grad_tiles,
                                             _f32(7200).reshape(8, 30, 30), _f32(16 * 1936), 1936,
                                             225, 0, 1, 30, 30, 0, 15, 15, 0),
     "conv2d._winograd_output": lambda: (conv2d._winograd_output, _f32(16 * 1936), 1936, 225,
                                         np.zeros((8, 30, 30), np.float32), _f32(8), 0, 1, 30,
-                                        30, 0, 15, 15, 0),
+                                        0, 15, 15, 0, 2),
 }
 GATHER = re.compile(r"^\s*v(p?gather|gather)\w*\s", re.MULTILINE)
 INTERLEAVE = re.compile(r"^\s*v(permt2ps|permt2d|shufps|unpck[lh]ps|perm[iq]?\w*)\s.*[yz]mm",

@@ -1569,73 +1569,54 @@ def _row_at(c, ih, h, w):
 
 
 @njit(cache=True, nogil=True)
-def _winograd_input(x3, vf, stride, tiles, top, left, dh, th0, th1, tw_n, t_off=0):
+def _winograd_input(x3, vf, stride, tiles, top, left, dh, th0, th1, tw_n, t_off=0, m=2):
     """Plane k of vf (element c*tiles + t at k*stride + c*tiles + t, see ``_plane_stride``)
-    = element k of B^T d B for tile t = t_off + (th - th0)*tw_n + tw of tile rows [th0, th1);
-    d is the 4x4 patch of input rows top + dh*(2*th + a), columns left + 2*tw + b, zeros
-    outside the input. (A dilated layer's columns come split into phases: see
-    ``_column_phases``.) Whole vectors of tiles at a time, read straight from the input:
-    see ``winograd_input_band``."""
+    = element k of B^T d B for tile t = t_off + (th - th0)*tw_n + tw of tile rows [th0, th1)
+    of F(m x m, 3x3), m = 2 (16 planes) or 4 (36); d is the (m+2)x(m+2) patch of input rows
+    top + dh*(m*th + a), columns left + m*tw + b, zeros outside the input. (A dilated layer's
+    columns come split into phases: see ``_column_phases``.) Whole vectors of tiles at a
+    time, read straight from the input: see ``winograd_input_band``, ``winograd4_input_band``."""
     c_in, h, w = x3.shape
     xf = x3.reshape(-1)
     for c in range(c_in):
         for th in range(th0, th1):
-            ih = top + dh * 2 * th
-            winograd_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
-                                _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
-                                left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
+            ih = top + dh * m * th
+            first = c * tiles + t_off + (th - th0) * tw_n
+            if m == 2:
+                winograd_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
+                                    _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
+                                    left, w, vf, first, stride, tw_n)
+            else:
+                winograd4_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
+                                     _row_at(c, ih + 2 * dh, h, w),
+                                     _row_at(c, ih + 3 * dh, h, w),
+                                     _row_at(c, ih + 4 * dh, h, w),
+                                     _row_at(c, ih + 5 * dh, h, w), left, w, vf, first, stride,
+                                     tw_n)
 
 
 @njit(cache=True, nogil=True)
-def _winograd_output(mf, stride, tiles, y3, b1, ph, dh, hu, wv, th0, th1, tw_n, t_off=0):
+def _winograd_output(mf, stride, tiles, y3, b1, ph, dh, wv, th0, th1, tw_n, t_off=0, m=2):
     """Tile rows [th0, th1) of row phase ph = b1 + A^T M A, M's planes in mf as in
-    ``_winograd_input`` (from tile t_off): tile (th, tw) holds outputs (ph + dh*u, v) for
-    u = 2*th, 2*th + 1 < hu and v = 2*tw, 2*tw + 1 < wv (a dilated layer's column phase is an
-    (Ho, Wo/dW) plane of its own: see ``_column_phases``). See ``winograd_output_band``."""
+    ``_winograd_input`` (from tile t_off, m x m tiles): tile (th, tw) holds outputs
+    (ph + dh*u, v) for u in [m*th, m*th + m) with ph + dh*u < Ho, and v in [m*tw, m*tw + m)
+    below wv (a dilated layer's column phase is an (Ho, Wo/dW) plane of its own: see
+    ``_column_phases``). See ``winograd_output_band``, ``winograd4_output_band``."""
     c_out, ho, wo = y3.shape
     yf = y3.reshape(-1)
     for co in range(c_out):
         for th in range(th0, th1):
-            u = 2 * th
-            top = (co * ho + ph + dh * u) * wo
-            bottom = (co * ho + ph + dh * (u + 1)) * wo if u + 1 < hu else -1
-            winograd_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf, top,
-                                 bottom, wv, b1[co], tw_n)
-
-
-@njit(cache=True, nogil=True)
-def _winograd4_input(x3, vf, stride, tiles, top, left, dh, th0, th1, tw_n, t_off):
-    """``_winograd_input`` for F(4x4, 3x3): 36 planes, d the 6x6 patch of input rows
-    top + dh*(4*th + a), columns left + 4*tw + b. See ``winograd4_input_band``."""
-    c_in, h, w = x3.shape
-    xf = x3.reshape(-1)
-    for c in range(c_in):
-        for th in range(th0, th1):
-            ih = top + dh * 4 * th
-            winograd4_input_band(xf, _row_at(c, ih, h, w), _row_at(c, ih + dh, h, w),
-                                 _row_at(c, ih + 2 * dh, h, w), _row_at(c, ih + 3 * dh, h, w),
-                                 _row_at(c, ih + 4 * dh, h, w), _row_at(c, ih + 5 * dh, h, w),
-                                 left, w, vf, c * tiles + t_off + (th - th0) * tw_n, stride,
-                                 tw_n)
-
-
-@njit(cache=True, nogil=True)
-def _winograd4_output(mf, stride, tiles, y3, b1, ph, dh, hu, wv, th0, th1, tw_n, t_off):
-    """``_winograd_output`` for F(4x4, 3x3): tile (th, tw) holds outputs (ph + dh*u, v) for
-    u in [4*th, 4*th + 4) below hu and v in [4*tw, 4*tw + 4) below wv. See
-    ``winograd4_output_band``."""
-    c_out, ho, wo = y3.shape
-    yf = y3.reshape(-1)
-    for co in range(c_out):
-        base = co * ho + ph
-        for th in range(th0, th1):
-            u = 4 * th
-            r0 = (base + dh * u) * wo
-            r1 = (base + dh * (u + 1)) * wo if u + 1 < hu else -1
-            r2 = (base + dh * (u + 2)) * wo if u + 2 < hu else -1
-            r3 = (base + dh * (u + 3)) * wo if u + 3 < hu else -1
-            winograd4_output_band(mf, co * tiles + t_off + (th - th0) * tw_n, stride, yf, r0,
-                                  r1, r2, r3, wv, b1[co], tw_n)
+            # A last tile's rows past the plane: _row_at gives -1, not written.
+            oh = ph + dh * m * th
+            first = co * tiles + t_off + (th - th0) * tw_n
+            if m == 2:
+                winograd_output_band(mf, first, stride, yf, _row_at(co, oh, ho, wo),
+                                     _row_at(co, oh + dh, ho, wo), wv, b1[co], tw_n)
+            else:
+                winograd4_output_band(mf, first, stride, yf, _row_at(co, oh, ho, wo),
+                                      _row_at(co, oh + dh, ho, wo),
+                                      _row_at(co, oh + 2 * dh, ho, wo),
+                                      _row_at(co, oh + 3 * dh, ho, wo), wv, b1[co], tw_n)
 
 
 @njit(cache=True, nogil=True)
@@ -1700,16 +1681,10 @@ def _winograd_forward(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, rows, per):
         V = np.empty(planes * vs, dtype=xs5.dtype)
         M = np.empty(planes * ms, dtype=xs5.dtype)
         r, left = _column_phase(pw, pl, dw)
-        if m == 2:
-            _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
-        else:
-            _winograd4_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n, 0)
+        _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n, 0, m)
         for k in range(planes):
             _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
-        if m == 2:
-            _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n)
-        else:
-            _winograd4_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, th0, th1, tw_n, 0)
+        _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, wv, th0, th1, tw_n, 0, m)
 
 
 @njit(cache=True, nogil=True)
@@ -1729,12 +1704,8 @@ def _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles):
             ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
             if tw_n > 0:
                 r, left = _column_phase(pw, pl, dw)
-                if m == 2:
-                    _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n, tw_n,
-                                    t_off)
-                else:
-                    _winograd4_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n,
-                                     tw_n, t_off)
+                _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n, tw_n,
+                                t_off, m)
                 t_off += th_n * tw_n
     for k in range(planes):
         _blas.gemm(U[k], _plane(V, k, vs, c_in, tiles), _plane(M, k, ms, c_out, tiles))
@@ -1743,12 +1714,8 @@ def _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles):
         for phase in range(dh * dw):
             ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
             if tw_n > 0:
-                if m == 2:
-                    _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n,
-                                     tw_n, t_off)
-                else:
-                    _winograd4_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, hu, wv, 0, th_n,
-                                      tw_n, t_off)
+                _winograd_output(M, ms, tiles, ys5[n, pw], b1, ph, dh, wv, 0, th_n, tw_n,
+                                 t_off, m)
                 t_off += th_n * tw_n
 
 
