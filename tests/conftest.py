@@ -28,6 +28,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])]
 
 
 @pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN and cuBLAS in true fp32 for every comparison: with TF32 (PyTorch's default for
+    cuDNN convolutions) the baseline itself is off by ~1e-3 relative, so a float32 test against
+    it would either fail a correct kernel or need a tolerance loose enough to pass a wrong one."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield

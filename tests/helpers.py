@@ -48,10 +48,11 @@ def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, see
     """
     kwargs = kwargs or {}
     tensors = list(tensors)
-    dtype = next(t.dtype for t in tensors if t is not None)
+    first = next(t for t in tensors if t is not None)
+    dtype = first.dtype
     out_shape = theirs(*_copy(tensors), **kwargs).shape
-    gen = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draw on every device
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(first.device)
     got = _grads(ours, _copy(tensors), grad_out.to(dtype), kwargs)
     base = _grads(theirs, _copy(tensors), grad_out.to(dtype), kwargs)
     truth = _grads(theirs, _copy(tensors, torch.float64), grad_out, kwargs)

@@ -2,7 +2,7 @@
 
 Every test here is marked ``cuda`` and skipped without a GPU and CuPy. Correctness bar (issue
 4): forward and every gradient within 2x cuDNN's own error against a float64 result (plus
-8 units of roundoff of the condition scale), with TF32 off. bench/gpu_check.py runs this file,
+8 units of roundoff of the condition scale), with TF32 off (tests/conftest.py). bench/gpu_check.py runs this file,
 compute-sanitizer and the GPU benchmark in one go.
 """
 
@@ -19,14 +19,6 @@ from fastconv import ArgumentError, DeviceError, DTypeError
 
 pytestmark = [pytest.mark.cuda, cuda_only]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _leaves(dtype, *tensors):
