@@ -287,6 +287,28 @@ def test_unwritten_outputs_are_visible(emulator):
     assert out.isnan().all()
 
 
+def test_launch_parameters_carry_each_argument_by_its_exact_size():
+    """The CuPy backend hands cuLaunchKernel one pointer per kernel parameter; read back
+    through those pointers, every argument is there with its exact bytes."""
+    import ctypes
+
+    geom = cuda_conv2d._geometry((2, 3, 9, 8), (4, 3, 3, 3), _args.conv2d_params((3, 3)),
+                                 (7, 6))
+    ptr = 0x7F00_1234_5678
+    args = (ptr, 0, np.int32(-5), geom, np.int64(2**40 + 3), np.int32(7))
+    storage, params = L.pack_params(args)
+    assert len(params) == len(args)
+    read = [ctypes.c_uint64.from_address(params[0]).value,
+            ctypes.c_uint64.from_address(params[1]).value,
+            ctypes.c_int32.from_address(params[2]).value,
+            ctypes.string_at(params[3], geom.itemsize),
+            ctypes.c_int64.from_address(params[4]).value,
+            ctypes.c_int32.from_address(params[5]).value]
+    assert read == [ptr, 0, -5, geom.tobytes(), 2**40 + 3, 7]
+    with pytest.raises(TypeError, match="float"):
+        L.pack_params((1.5,))
+
+
 def test_geometry_layout_matches_the_kernels():
     header = (kernel_dir() / "fastconv_common.cuh").read_text()
     for struct, dtype in (("ConvGeometry", cuda_conv2d.GEOMETRY),

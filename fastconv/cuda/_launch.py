@@ -8,8 +8,9 @@ the engine can ask for, per source file and dtype: NVRTC compiles exactly that l
 half-precision kernels), and the nvcc test in ``tests/test_kernels_compile.py`` compiles the
 same list for sm_80 and sm_90 on machines without a GPU.
 
-Launches go through a *backend*. The real one is CuPy: kernels run on PyTorch's current CUDA
-stream of the tensors' device, take the tensors' device pointers directly (zero copy), and
+Launches go through a *backend*. The real one is CuPy's: NVRTC compiles through CuPy, and
+each launch is one ``cuLaunchKernel`` (CuPy's driver binding) on PyTorch's current CUDA stream
+of the tensors' device, with the tensors' device pointers passed directly (zero copy);
 outputs come from PyTorch's caching allocator. The test suite swaps in a CPU emulator of the
 same kernels (``tests/cuda_emulator``) with :func:`use_backend`.
 """
@@ -17,6 +18,7 @@ same kernels (``tests/cuda_emulator``) with :func:`use_backend`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import threading
 from pathlib import Path
@@ -46,6 +48,7 @@ SOURCES = {"conv2d": "conv2d.cu", "pool2d": "pool2d.cu"}
 _REGISTRY: dict[str, callable] = {}
 
 
+@functools.cache  # the launchers ask for the same few names on every call
 def expr(name: str, *template_args) -> str:
     """The name expression of one instantiation: ``expr("k", "float", "int", True, 64)``."""
     def spell(a):
@@ -108,7 +111,6 @@ class CupyBackend:
         self.cupy = cupy
         self._modules: dict = {}
         self._functions: dict = {}
-        self._streams: dict = {}
         self._lock = threading.Lock()
 
     def device_index(self, tensor: torch.Tensor) -> int:
@@ -135,33 +137,76 @@ class CupyBackend:
             self._modules[key] = module
         return module
 
-    def function(self, device_index: int, op: str, dtype: torch.dtype, name: str):
+    def function(self, device_index: int, op: str, dtype: torch.dtype, name: str) -> int:
+        """The CUfunction handle of instantiation ``name`` (compiling its module once)."""
         key = (device_index, op, dtype, name)
         fn = self._functions.get(key)
         if fn is None:
             with self._lock:
                 module = self._module(device_index, op, dtype)
                 with self.cupy.cuda.Device(device_index):
-                    fn = module.get_function(name)
+                    kernel = module.get_function(name)  # a RawKernel; .kernel is its Function
+                fn = getattr(kernel, "kernel", kernel).ptr
             self._functions[key] = fn
         return fn
 
     def launch(self, device_index, op, dtype, name, grid, block, args):
+        # cuLaunchKernel itself, not the CuPy kernel object's call, which rebuilds a structured
+        # numpy argument's descr (16 Python calls) and enters a device and a stream context on
+        # every launch: host time, which is most of a small layer's time on the GPU.
         fn = self.function(device_index, op, dtype, name)
-        stream_ptr = torch.cuda.current_stream(device_index).cuda_stream
-        stream = self._streams.get((device_index, stream_ptr))
-        if stream is None:
-            stream = self.cupy.cuda.ExternalStream(stream_ptr, device_index)
-            self._streams[(device_index, stream_ptr)] = stream
+        stream = _raw_stream(device_index)
+        storage, params = pack_params(args)  # the driver copies them during the call
+        runtime = self.cupy.cuda.runtime
+        previous = runtime.getDevice()
+        if previous != device_index:
+            runtime.setDevice(device_index)
         try:
-            with self.cupy.cuda.Device(device_index), stream:
-                fn(grid, block, args)
+            self.cupy.cuda.driver.launchKernel(fn, *grid, *block, 0, stream,
+                                               ctypes.addressof(params), 0)
         except self.cupy.cuda.driver.CUDADriverError as exc:
             raise RuntimeError(f"fastconv: launching {name} with grid {grid}, block {block} "
                                f"failed: {exc}") from exc
+        finally:
+            if previous != device_index:
+                runtime.setDevice(previous)
 
     def empty(self, shape, dtype, device) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _raw_stream(device_index: int) -> int:
+    """The cudaStream_t of PyTorch's current stream on ``device_index``."""
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # the same, without a Stream object
+    def _raw_stream(device_index: int) -> int:  # noqa: F811
+        return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def pack_params(args) -> tuple:
+    """cuLaunchKernel's ``kernelParams`` for ``args``: an array of pointers, one per kernel
+    parameter, each to a copy of that parameter's bytes. A Python int is a device pointer
+    (8 bytes); numpy scalars and size-one structured arrays pass their own bytes (by exact
+    size, structs by value). Returns (storage to keep alive until the launch, the array)."""
+    blob = bytearray()
+    offsets = []
+    for a in args:
+        if type(a) is int:
+            data, align = a.to_bytes(8, "little"), 8
+        elif isinstance(a, (np.generic, np.ndarray)):
+            data, align = a.tobytes(), a.dtype.alignment
+        else:
+            raise TypeError(f"fastconv: kernel argument of type {type(a).__name__}: expected a "
+                            f"device pointer (int), a numpy scalar or a numpy struct")
+        blob += bytes(-len(blob) % align)
+        offsets.append(len(blob))
+        blob += data
+    storage = (ctypes.c_char * len(blob)).from_buffer(blob)  # every kernel takes arguments
+    base = ctypes.addressof(storage)
+    params = (ctypes.c_void_p * len(offsets))(*[base + o for o in offsets])
+    return storage, params
 
 
 @functools.cache
