@@ -46,7 +46,8 @@ def smoke() -> int:
     gen = torch.Generator().manual_seed(0)
     convs = [((2, 8, 9, 11), (12, 8, 3, 3), dict(padding=1, stride=(1, 2))),
              ((2, 16, 6, 6), (24, 16, 1, 1), {}),
-             ((2, 8, 9, 9), (16, 1, 3, 3), dict(padding=1, groups=8)),
+             ((2, 8, 9, 9), (16, 1, 3, 3), dict(padding=1, groups=8)),      # direct dx
+             ((2, 8, 9, 9), (8, 1, 3, 3), dict(padding=1, groups=8)),       # depthwise dx
              ((8, 4, 40, 40), (8, 4, 3, 3), dict(padding=1)),       # split-K weight gradient
              ((1, 130, 12, 12), (140, 130, 3, 3), dict(padding=1))]  # several M tiles
     for limit in (_launch.INT32_LIMIT, 0):  # 32- and then 64-bit index instantiations

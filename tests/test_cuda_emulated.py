@@ -55,12 +55,21 @@ def _on(dtype, *tensors):
 
 
 # ---- conv2d ------------------------------------------------------------------------------
+def input_grad_path(path):
+    """The grad of input of a layer with few input channels per group on either of its
+    kernels: the direct one it takes (up to 8 channels), or the implicit GEMM it takes with the
+    direct kernel's limit at 0 (which covers the GEMM on the random shapes, mostly thin)."""
+    limit = cuda_conv2d.DIRECT_INPUT_MAX_CIN if path == "direct" else 0
+    return mock.patch.object(cuda_conv2d, "DIRECT_INPUT_MAX_CIN", limit)
+
+
+@pytest.mark.parametrize("path", ["direct", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @settings(max_examples=25)
 @given(case=conv_cases())
-def test_conv2d_matches_torch(emulator, dtype, case):
+def test_conv2d_matches_torch(emulator, dtype, path, case):
     x, weight, bias, opts = case
-    with cuda_engine_on_cpu(emulator):
+    with cuda_engine_on_cpu(emulator), input_grad_path(path):
         assert_matches_torch(fastconv.conv2d, F.conv2d, _on(dtype, x, weight, bias), opts, k=2)
 
 
@@ -70,8 +79,14 @@ CONV_SHAPES = [  # (input, weight, options): one per kernel path
                                         groups=2)),                         # every option
     ((3, 5, 6, 7), (70, 5, 1, 1), {}),                                      # pointwise GEMM
     ((2, 4, 9, 8), (8, 1, 3, 3), dict(stride=2, padding=1, groups=4)),      # depthwise x2
+    ((2, 5, 9, 8), (5, 1, 3, 2), dict(stride=(1, 2), padding=1, dilation=(2, 1),
+                                      groups=5)),                           # depthwise x1
     ((2, 1, 12, 12), (6, 1, 5, 5), {}),                                     # C_in == 1
     ((1, 130, 5, 5), (140, 130, 3, 3), dict(padding=1)),                    # several M tiles
+    ((2, 18, 11, 10), (4, 9, 3, 2), dict(stride=(2, 3), padding=(1, 2), dilation=(2, 1),
+                                         groups=2)),                        # GEMM grad of input
+    ((2, 3, 15, 14), (5, 3, 7, 7), dict(stride=2, padding=3)),              # RGB stem
+    ((2, 12, 9, 8), (6, 6, 3, 3), dict(stride=(1, 2), padding=1, groups=2)),  # 6 of 8 channels
 ]
 
 
@@ -90,6 +105,9 @@ def test_conv2d_every_path_and_dtype(emulator, dtype, shapes):
     assert L.CTYPES[dtype] in launched
     path = "depthwise" if ws[1] == 1 else "implicit_gemm"
     assert f"conv2d_forward_{path}" in launched
+    path = ("depthwise" if ws[1] == 1 and ws[0] == opts.get("groups", 1) else
+            "direct" if ws[1] <= cuda_conv2d.DIRECT_INPUT_MAX_CIN else "implicit_gemm")
+    assert f"conv2d_backward_input_{path}" in launched
     if ws[2:] == (1, 1):
         assert "implicit_gemm<float, int, true" in launched or dtype != torch.float32
 

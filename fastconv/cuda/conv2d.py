@@ -5,8 +5,10 @@ engine by device. Shapes are validated before these run (``fastconv._args``).
 
 Algorithm per call:
 - depthwise (one input channel per group, which includes any conv with C_in == 1): direct
-  kernels, one thread per output (forward) or input (grad of input) element, and one block per
-  weight element for the grad of weight;
+  kernels, one thread per output (forward) or input (grad of input, with one output channel
+  per group) element, and one block per weight element for the grad of weight;
+- any other grad of input with at most 8 input channels per group: a direct kernel, one
+  thread per input pixel holding all of its channels (a GEMM's M would be those few channels);
 - otherwise an implicit GEMM (see the table at the top of conv2d.cu); a 1x1 kernel with unit
   stride and no padding takes the Pointwise variant, a plain tiled GEMM. float32 and float64
   run on CUDA cores in their own precision (no TF32), float16 and bfloat16 on tensor cores
@@ -35,6 +37,10 @@ SIMT_TILES = {"64x64": (64, 64, 16, 4, 4), "128x128": (128, 128, 8, 8, 8),
 MMA_TILE = (64, 64, 32, 32, 32)
 MMA_THREADS = 128
 MMA_DTYPES = (torch.float16, torch.bfloat16)
+# Accumulator blocks of conv2d_backward_input_direct (its CB): the grad of input of a layer with
+# at most DIRECT_INPUT_MAX_CIN input channels per group takes the smallest block that holds them.
+DIRECT_CHANNEL_BLOCKS = (1, 4, 8)
+DIRECT_INPUT_MAX_CIN = DIRECT_CHANNEL_BLOCKS[-1]
 
 
 def _tiles(dtype) -> dict:
@@ -65,6 +71,8 @@ def _instantiations(dtype):
         yield L.expr("conv2d_backward_bias", t, index, L.THREADS)
         yield L.expr("conv2d_forward_depthwise", t, index)
         yield L.expr("conv2d_backward_input_depthwise", t, index)
+        for block in DIRECT_CHANNEL_BLOCKS:
+            yield L.expr("conv2d_backward_input_direct", t, index, block)
         yield L.expr("conv2d_backward_weight_depthwise", t, index, L.THREADS)
 
 
@@ -152,8 +160,16 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     n, c_in, h, w = input_shape
     gx = L.empty(input_shape, grad_out)
     geom = _geometry(input_shape, weight.shape, params, grad_out.shape[2:])
-    if _is_depthwise(weight.shape):
+    cin_g = weight.shape[1]
+    if cin_g == 1 and weight.shape[0] == params.groups:  # depthwise, one output per group
         return _depthwise("conv2d_backward_input_depthwise", gx, (grad_out, weight, gx, geom))
+    if cin_g <= DIRECT_INPUT_MAX_CIN:
+        block = next(b for b in DIRECT_CHANNEL_BLOCKS if b >= cin_g)
+        args = (grad_out, weight, gx, geom)
+        name = L.expr("conv2d_backward_input_direct", L.CTYPES[gx.dtype],
+                      L.index_type(*args[:-1]), block)
+        L.launch_over("conv2d", gx, name, n * params.groups * h * w, args)  # a thread a pixel
+        return gx
     _launch_gemm("conv2d_backward_input_implicit_gemm", gx,
                  (_is_pointwise(params, weight.shape, (h, w), tuple(grad_out.shape[2:])),),
                  c_in // params.groups, n * h * w, params.groups, (grad_out, weight, gx), geom)
