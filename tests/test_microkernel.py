@@ -309,6 +309,29 @@ def _planes_out(dtype, n, base=5, planes=16):
     return np.full(base + planes * stride + 2 * lanes(dtype), 7.5, dtype), base, stride
 
 
+def _patches(x, rows, left, w, n, size):
+    """(n, size, size) patches d[t, a, b] of a Winograd input band: row a at offset rows[a]
+    (zeros for -1), column left + (size - 2) * t + b, zeros outside [0, w)."""
+    d = np.zeros((n, size, size), x.dtype)
+    for a, r in enumerate(rows):
+        for t in range(n):
+            for b in range(size):
+                c = left + (size - 2) * t + b
+                if r >= 0 and 0 <= c < w:
+                    d[t, a, b] = x[r + c]
+    return d
+
+
+def _planes_in_nan(rng, dtype, n, planes):
+    """(flat planes, base, stride, values): ``planes`` planes of n random tiles, NaN around."""
+    base, stride = 3, n + 4
+    m = rng.standard_normal((planes, n)).astype(dtype)
+    mf = np.full(base + planes * stride + 2 * lanes(dtype), np.nan, dtype)
+    for k in range(planes):
+        mf[base + k * stride:base + k * stride + n] = m[k]
+    return mf, base, stride, m
+
+
 def _check_planes(vf, base, stride, n, want, rtol=0.0):
     """Planes equal to ``want`` (bit for bit, or within ``rtol`` of the planes' largest
     value), the sentinels around them untouched."""
@@ -335,13 +358,7 @@ def test_winograd_input_band_is_the_transform_of_its_patches(dtype):
             for rows in (offs, [offs[0], -1, offs[2], -1], [-1, -1, -1, offs[3]]):
                 vf, base, stride = _planes_out(dtype, n)
                 _input_band(x, np.array(rows, np.int64), left, w, vf, base, stride, n)
-                d = np.zeros((4, n, 4), dtype)  # patch row a, tile t, column b
-                for a, r in enumerate(rows):
-                    for t in range(n):
-                        for b in range(4):
-                            c = left + 2 * t + b
-                            if r >= 0 and 0 <= c < w:
-                                d[a, t, b] = x[r + c]
+                d = _patches(x, rows, left, w, n, 4).transpose(1, 0, 2)  # row, tile, column
                 rows_bd = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
                 want = np.concatenate([np.stack([e[:, 0] - e[:, 2], e[:, 1] + e[:, 2],
                                                  e[:, 2] - e[:, 1], e[:, 1] - e[:, 3]])
@@ -379,16 +396,13 @@ def test_winograd_output_band_writes_its_columns_only(dtype):
     rng = np.random.default_rng(13)
     for n in _band_lengths(dtype):
         for count in (2 * n, 2 * n - 1):
-            stride = n + 4
-            mf = np.full(3 + 16 * stride + 2 * lanes(dtype), np.nan, dtype)
-            m = rng.standard_normal((16, n)).astype(dtype)
-            for k in range(16):
-                mf[3 + k * stride:3 + k * stride + n] = m[k]
+            mf, base, stride, m = _planes_in_nan(rng, dtype, n, 16)
             bias = dtype(rng.standard_normal())
             for two_rows in (True, False):
                 y = np.full(2 * count + 40, 7.5, dtype)
                 top, bottom = 10, count + 25
-                _output_band(mf, 3, stride, y, top, bottom if two_rows else -1, count, bias, n)
+                _output_band(mf, base, stride, y, top, bottom if two_rows else -1, count, bias,
+                             n)
                 s0 = [(m[j] + m[4 + j]) + m[8 + j] for j in range(4)]
                 s1 = [(m[4 + j] - m[8 + j]) - m[12 + j] for j in range(4)]
                 want = np.full(y.size, 7.5, dtype)
@@ -428,13 +442,7 @@ def test_winograd4_input_band_is_the_transform_of_its_patches(dtype):
             for rows in (offs, [offs[0], -1, offs[2], -1, offs[4], -1], [-1] * 5 + [offs[5]]):
                 vf, base, stride = _planes_out(dtype, n, planes=36)
                 _input4_band(x, np.array(rows, np.int64), left, w, vf, base, stride, n)
-                d = np.zeros((n, 6, 6))  # tile, patch row, column
-                for a, r in enumerate(rows):
-                    for t in range(n):
-                        for b in range(6):
-                            c = left + 4 * t + b
-                            if r >= 0 and 0 <= c < w:
-                                d[t, a, b] = x[r + c]
+                d = _patches(x, rows, left, w, n, 6).astype(np.float64)  # tile, row, column
                 want = np.einsum("ia,tab,jb->ijt", bt, d, bt).reshape(36, n)
                 _check_planes(vf, base, stride, n, want, rtol=32 * eps)
 
@@ -448,17 +456,13 @@ def test_winograd4_output_band_writes_its_rows_and_columns_only(dtype):
     eps = np.finfo(dtype).eps
     for n in _band_lengths(dtype):
         for count in (4 * n, 4 * n - 1, 4 * n - 2, 4 * n - 3):
-            stride = n + 4
-            mf = np.full(3 + 36 * stride + 2 * lanes(dtype), np.nan, dtype)
-            m = rng.standard_normal((36, n)).astype(dtype)
-            for k in range(36):
-                mf[3 + k * stride:3 + k * stride + n] = m[k]
+            mf, base, stride, m = _planes_in_nan(rng, dtype, n, 36)
             bias = dtype(rng.standard_normal())
             tiles = np.einsum("ua,abt,vb->tuv", at, m.astype(np.float64).reshape(6, 6, n), at)
             for live in (4, 3, 1):
                 y = np.full(4 * (count + 20) + 10, 7.5, dtype)
                 rows = [10 + u * (count + 20) if u < live else -1 for u in range(4)]
-                _output4_band(mf, 3, stride, y, np.array(rows, np.int64), count, bias, n)
+                _output4_band(mf, base, stride, y, np.array(rows, np.int64), count, bias, n)
                 want = np.full(y.size, 7.5)
                 for u in range(live):
                     want[rows[u]:rows[u] + count] = \
