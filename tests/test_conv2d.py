@@ -767,16 +767,19 @@ def test_tile_operand_buffers_start_on_cache_lines(dtype):
             assert a.shape == (n,) and a.dtype == dtype and a.ctypes.data % 64 == 0
 
 
-def test_l2_size_read_from_sysfs_or_assumed(monkeypatch, tmp_path):
+def test_cache_sizes_read_from_sysfs_or_assumed(monkeypatch, tmp_path):
     """The cache-blocked buffers' sizes come from the L2 the system reports (sysfs's
     "2048K"), or 1 MiB where nothing can be read; never less than the 256 KiB they were
-    first tuned at."""
+    first tuned at. The last-level cache (the highest level listed, 0 where none can be read)
+    sets where pooling gradients switch to streaming stores, never below 12 MiB."""
     import os
 
     from fastconv.cpu import _runtime
     from fastconv.cpu import conv2d as cpu_conv2d
+    from fastconv.cpu import pool2d as cpu_pool2d
 
     assert cpu_conv2d._COPY_BYTES == max(256 << 10, _runtime.l2_bytes() // 4)
+    assert cpu_pool2d._STREAM_BYTES == max(12 << 20, _runtime.llc_bytes() // 10)
     real_listdir, real_open = os.listdir, open
     caches = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
               ("3", "Unified", "32M")]
@@ -790,14 +793,22 @@ def test_l2_size_read_from_sysfs_or_assumed(monkeypatch, tmp_path):
                         else real_listdir(p))
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(
         str(p).replace(sysfs, str(tmp_path)), *a, **k))
-    _runtime.l2_bytes.cache_clear()
+    def clear():
+        _runtime.l2_bytes.cache_clear()
+        _runtime.llc_bytes.cache_clear()
+
+    clear()
     try:
-        assert _runtime.l2_bytes() == 2 << 20
+        assert (_runtime.l2_bytes(), _runtime.llc_bytes()) == (2 << 20, 32 << 20)
         (tmp_path / "index2" / "size").write_text("512K\n")
-        _runtime.l2_bytes.cache_clear()
-        assert _runtime.l2_bytes() == 512 << 10
+        (tmp_path / "index3" / "size").write_text("491520K\n")
+        clear()
+        assert (_runtime.l2_bytes(), _runtime.llc_bytes()) == (512 << 10, 480 << 20)
+        (tmp_path / "index3" / "level").write_text("three\n")  # unreadable: L2 is the last
+        clear()
+        assert (_runtime.l2_bytes(), _runtime.llc_bytes()) == (512 << 10, 512 << 10)
         monkeypatch.setattr(os, "listdir", lambda p: (_ for _ in ()).throw(OSError(p)))
-        _runtime.l2_bytes.cache_clear()
-        assert _runtime.l2_bytes() == 1 << 20
+        clear()
+        assert (_runtime.l2_bytes(), _runtime.llc_bytes()) == (1 << 20, 0)
     finally:
-        _runtime.l2_bytes.cache_clear()
+        clear()

@@ -74,28 +74,48 @@ def blas_info() -> list[dict]:
     return [{**_blas.info(), "num_threads": engine_threads()}]
 
 
+def _cache_sizes() -> dict[int, int]:
+    """{level: bytes} of cpu0's data and unified caches as Linux sysfs lists them ("2048K");
+    a level that cannot be read is left out."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes: dict[int, int] = {}
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return sizes
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        path = os.path.join(base, entry)
+        try:
+            with open(os.path.join(path, "level")) as f:
+                level = int(f.read().strip())
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if kind not in ("Unified", "Data"):
+                continue
+            with open(os.path.join(path, "size")) as f:
+                size = f.read().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            sizes[level] = int(size.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return sizes
+
+
 @functools.cache
 def l2_bytes() -> int:
     """One core's L2 cache in bytes (Linux sysfs), or 1 MiB where it cannot be read: what the
     kernels' cache-blocked buffers are sized from."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in sorted(os.listdir(base)):
-            path = os.path.join(base, entry)
-            if not entry.startswith("index"):
-                continue
-            with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(path, "type")) as f:
-                kind = f.read().strip()
-            if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(path, "size")) as f:
-                    size = f.read().strip()  # "2048K"
-                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-                return int(size.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        pass
-    return 1 << 20
+    return _cache_sizes().get(2, 1 << 20)
+
+
+@functools.cache
+def llc_bytes() -> int:
+    """The last-level cache in bytes (the highest level sysfs lists; on a virtual machine,
+    what the hypervisor reports, shared with other tenants), or 0 where it cannot be read."""
+    sizes = _cache_sizes()
+    return sizes[max(sizes)] if sizes else 0
 
 
 def engine_threads() -> int:

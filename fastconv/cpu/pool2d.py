@@ -39,7 +39,7 @@ from .._args import Pool2dParams, bad_pool_indices
 from . import _runtime
 from ._microkernel import (prefer_wide_vectors, prefetch_run, stream_fence, stream_run,
                            window_max3_s2)
-from ._runtime import engine_threads, float32_for_half, parallel_region
+from ._runtime import engine_threads, float32_for_half, llc_bytes, parallel_region
 from ._window import (U1, U2, U64, add_at, copy_at, cover_table, covering_rows, fill_at, first_tap,
                       phase_merge, phase_split, tap_table)
 
@@ -1108,16 +1108,25 @@ def _avg_divisor_factors(input_shape, out_hw, params: Pool2dParams, count_includ
     return rows, cols.astype(col_dtype)
 
 
-# Gradients from this many bytes leave the kernels by streaming stores: far larger than L2,
-# they would only evict what is there (the forward's input, the next layer's operands) on
-# their way to memory, after reading every line in first. Measured on the Xeon (2 MiB L2),
+# Gradients from this many bytes leave the kernels by streaming stores: far larger than the
+# caches, they would only evict what is there (the forward's input, the next layer's operands)
+# on their way to memory, after reading every line in first. Measured on the Xeon (2 MiB L2),
 # forward+backward and then a sum over the gradient (a consumer reading it), plain / streamed,
 # ms: 2x2/s2 average pooling 64x56x56 at batch 4 (3 MiB of gradient) 0.70-0.76 / 0.84-0.85,
 # batch 8 (6 MiB) 1.05 / 1.34-1.35, batch 16 (12 MiB) 2.33-2.41 / 2.35-2.37, batch 32 (25 MiB)
 # 5.9-6.3 / 4.5-4.6; 3x3/s2 max pooling's gradient of 12 MiB 4.1-4.3 / 3.5, 49 MiB 15.6-15.8 /
 # 11.8. (Not the stride-1 max pooling gradient, _max_backward_s1: compute-bound, it lost more
 # to a stage's copy than the stores saved, 64x56x56 3x3/s1 at batch 32 4.5-4.8 -> 4.9-5.3 ms.)
-_STREAM_BYTES = 12 << 20
+# Where the last-level cache is far larger, a gradient a tenth of its size stays there for its
+# consumer, and streaming it out to memory costs more than it saves. On a later host, same
+# measure, whose sysfs lists a 480 MiB L3: average pooling, batch 16 (12 MiB) 1.36 / 1.75-1.81,
+# 32 (24 MiB) 2.44-2.48 / 3.05, 48 (37 MiB) 3.88-3.93 / 4.21-4.28, 80 (61 MiB) 7.64-7.77 /
+# 7.83-7.89, 128 (98 MiB) 13.5-14.0 / 12.6-12.7; max pooling 3x3/s2 on 112x112, batch 4
+# (12 MiB) 2.06-2.10 / 2.39-2.41, 8 (24 MiB) 3.62-3.91 / 4.14, 12 (37 MiB) 5.26-5.35 /
+# 5.66-5.72, 16 (49 MiB) 8.45-8.94 / 7.56-7.67. (glibc's memcpy picks streaming stores by the
+# shared cache's size likewise.) So the switch is at a tenth of the last-level cache, and at
+# 12 MiB where that is less or unknown.
+_STREAM_BYTES = max(12 << 20, llc_bytes() // 10)
 
 
 def _streamed(gx: torch.Tensor) -> bool:
