@@ -146,11 +146,15 @@ OFFERS = [
     (((2, 32, 9, 11), (24, 32, 1, 1), {}),
      {"conv2d_forward": ["tiles", "gemm"], "conv2d_backward_input": ["gemm", "tiles"],
       "conv2d_backward_weight": ["gemm"]}),
+    # Strided, one group: the input gradient's phase tiles first, a GEMM per tap the other.
+    (((2, 16, 13, 12), (16, 16, 3, 3), dict(stride=2, padding=1)),
+     {"conv2d_forward": ["tiles"], "conv2d_backward_input": ["tiles", "phase-gemm"],
+      "conv2d_backward_weight": ["tiles", "gemm"]}),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "tiles", "gemm"])
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "tiles", "gemm", "phase-gemm"])
 @pytest.mark.parametrize("case", OFFERS, ids=lambda c: f"{c[0][0]}x{c[0][1]}")
 def test_every_offered_algorithm_matches_torch(case, algorithm, dtype, monkeypatch):
     """Each algorithm a pass offers computes it: forward and both gradients against PyTorch

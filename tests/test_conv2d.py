@@ -395,6 +395,28 @@ def test_strided_input_gradient_by_phases(dtype, shapes, monkeypatch):
     _matches_torch_by("_input_grad_tiles", dtype, shapes, 5, monkeypatch)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "one-image-a-chunk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", [s for s in STRIDED_GRAD if s[2].get("groups", 1) == 1],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_strided_input_gradient_by_phase_gemms(dtype, shapes, chunk_bytes, monkeypatch):
+    """Forward and both gradients; the input gradient takes the autotuner's "phase-gemm"
+    candidate (a GEMM per tap on shifted views of the wide grad_out), in one chunk of images
+    or one image a chunk."""
+    from fastconv.cpu import _autotune
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    def run(key, candidates, flops):
+        name = "phase-gemm" if "phase-gemm" in candidates else next(iter(candidates))
+        candidates[name]()
+        return name
+
+    monkeypatch.setattr(_autotune, "run", run)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cpu_conv2d, "_PHASE_GEMM_BYTES", chunk_bytes)
+    _matches_torch_by("_input_grad_phase_gemm", dtype, shapes, 5, monkeypatch)
+
+
 WEIGHT_GRAD = [  # (input, weight, options): weight gradients as tiles over the batch's pixels
     ((2, 16, 13, 12), (16, 16, 3, 3), dict(stride=2, padding=1)),   # ResNet's, odd height
     ((3, 6, 14, 14), (16, 6, 5, 5), {}),                            # LeNet's: x read as is

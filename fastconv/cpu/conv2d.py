@@ -22,8 +22,10 @@ matrix; on small planes (at most half a chunk) several images are packed side by
 one GEMM (the weight gradient: all of them, one deep GEMM per block of output channels).
 
 That is the rule. Where a pass has more than one algorithm that computes it (Winograd layers:
-the rule's other choice too; 1x1 layers read as they are: tiles and the GEMM), the first call
-on a configuration with enough work times them and keeps the fastest (see ``_autotune``).
+the rule's other choice too; 1x1 layers read as they are: tiles and the GEMM; the input
+gradient of strided one-group layers: the phase tiles and a GEMM per tap on shifted views,
+see ``_input_grad_phase_gemm``), the first call on a configuration with enough work times
+them and keeps the fastest (see ``_autotune``).
 
 Parallelism and determinism:
 * forward and grad_input: work items (n, g), or (n, g, band of output rows), write disjoint
@@ -818,6 +820,140 @@ def _input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
                 _phase_conv(gy, weight, part, rows[a], cols[b], params.groups)
     with parallel_region(n * c_in):
         _interleave_phases(buf, offsets, hq, wq, gx, sh, sw)
+
+
+# Strided layers' input gradient as GEMMs over shifted views. Input row ih = r*sH + a (phase
+# a) gets tap i of the kernel from output row oh = r + e_i where a + pt - i*dH = e_i*sH, so
+# phase (a, b) of the gradient is a sum over its taps (i, j) of W[:, :, i, j]^T @ grad_out
+# shifted by (e_i, f_j). grad_out is laid out once "wide", each image a zero-bordered
+# (Hp, Wp) plane in one row per channel; every shift is then a contiguous column range of
+# it, so each tap is one BLAS GEMM (K = C_out) straight on that view, added into the phase's
+# wide plane (whose columns past the phase's own rows and columns are never read). BLAS
+# runs those GEMMs near its peak where the per-phase tile convs of small K do not: 3x3
+# stride 2, 128 channels on 56x56, batch 8, 2 threads, 9 GEMMs of 128x128x7200 at ~400
+# GFLOP/s (15% of their columns the border) against tile convs at 205-304.
+_PHASE_GEMM_BYTES = 32 << 20  # the wide planes of a chunk of images, at most (unless one)
+
+
+def _wide_phase_geometry(in_hw, out_hw, kernel, stride, pad, dilation):
+    """Per axis: (taps[a] = [(tap, e)] for each phase a, border, plane extent, phase extents)
+    for ``_input_grad_phase_gemm``: output index oh = r + e feeds phase a's row r, read at
+    plane row r + e + border."""
+    taps = [[(i, (a + pad - i * dilation) // stride) for i in range(kernel)
+             if (a + pad - i * dilation) % stride == 0] for a in range(stride)]
+    shifts = [e for phase in taps for _, e in phase] or [0]
+    border = max(0, -min(shifts))
+    phases = [-(-(in_hw - a) // stride) for a in range(stride)]
+    extent = max(max(phases) + max(shifts), out_hw) + border
+    return taps, border, extent, phases
+
+
+@njit(cache=True, parallel=True)
+def _pack_wide(gy4, n0, count, gyp, top, left, hp, wp):
+    """gyp[c, m*Hp*Wp + (oh + top)*Wp + ow + left] = gy4[n0 + m, c, oh, ow] for m < count,
+    zero elsewhere (borders, and the tail past the last plane that shifted views read)."""
+    c_out, ho, wo = gy4.shape[1], gy4.shape[2], gy4.shape[3]
+    plane, cols = hp * wp, gyp.shape[1]
+    for item in prange(c_out * count):
+        c, m = item // count, item % count
+        row, base = gyp[c], m * plane
+        fill_at(row, base, top * wp + left, 0)
+        for oh in range(ho):
+            r = base + (oh + top) * wp + left
+            copy_at(row, r, gy4[n0 + m, c, oh], 0, wo)
+            fill_at(row, r + wo, wp - wo if oh + 1 < ho else plane - (r + wo - base), 0)
+        if m == count - 1:
+            fill_at(row, count * plane, cols - count * plane, 0)
+
+
+@njit(cache=True)
+def _shifted_gemms(wt, gyp, outs, jobs, span):
+    """outs[p] (=, or += after the first) wt[k] @ gyp[:, off:off + span], for each job
+    (p, k, off, first) in order: BLAS threads share each GEMM."""
+    for t in range(jobs.shape[0]):
+        p, k, off, first = jobs[t, 0], jobs[t, 1], jobs[t, 2], jobs[t, 3]
+        _blas.gemm(wt[k], gyp[:, off:off + span], outs[p][:, :span], accumulate=first == 0)
+
+
+@njit(cache=True, parallel=True)
+def _interleave_wide(outs, has, gx4, n0, count, sh, sw, hp, wp):
+    """gx4[n0 + m, c, r*sH + a, q*sW + b] = outs[a*sW + b, c, m*Hp*Wp + r*Wp + q], or 0 for a
+    phase no tap reaches (has[p] == 0)."""
+    c_in, h, w = gx4.shape[1], gx4.shape[2], gx4.shape[3]
+    plane = hp * wp
+    zero = gx4.dtype.type(0)
+    for item in prange(count * c_in):
+        m, c = item // c_in, item % c_in
+        for ih in range(h):
+            a, r = ih % sh, ih // sh
+            row, s0 = gx4[n0 + m, c, ih], m * plane + r * wp
+            if sw == 2 and has[a * 2] and has[a * 2 + 1]:
+                # Two rows interleaved, the stride a literal (vectorised with shuffles).
+                r0, r1 = outs[a * 2, c], outs[a * 2 + 1, c]
+                for q in range(w // 2):
+                    row[2 * q] = r0[s0 + q]
+                    row[2 * q + 1] = r1[s0 + q]
+                if w % 2:
+                    row[w - 1] = r0[s0 + w // 2]
+                continue
+            for b in range(sw):
+                src = outs[a * sw + b, c]
+                live = has[a * sw + b]
+                for q in range((w - b + sw - 1) // sw):
+                    row[q * sw + b] = src[s0 + q] if live else zero
+
+
+def _scratch(shape, dtype) -> np.ndarray:
+    """np.empty for a multi-megabyte temporary, from the output cache (``_runtime.empty``):
+    from glibc, one that large is often a fresh mapping whose every page faults on its first
+    write (~0.5 us per 4 KiB), depending on what the process freed before."""
+    return _runtime.empty(shape, _TORCH_DTYPES[np.dtype(dtype)]).numpy()
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
+                           params: Conv2dParams) -> None:
+    """gx (N, C_in, H, W) = the input gradient of a one-group strided conv from gy (N, C_out,
+    Ho, Wo) and weight (C_out, C_in, kH, kW): per input phase, one GEMM per tap on shifted
+    views of the wide grad_out (see above), in chunks of images."""
+    n, c_in, h, w = gx.shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    (sh, sw), (dh, dw) = params.stride, params.dilation
+    top, _, left, _ = params.padding
+    rows, border_h, hp, _ = _wide_phase_geometry(h, ho, kh, sh, top, dh)
+    cols, border_w, wp, _ = _wide_phase_geometry(w, wo, kw, sw, left, dw)
+    jobs, has = [], np.zeros(sh * sw, dtype=np.int64)
+    for a in range(sh):
+        for b in range(sw):
+            for i, e in rows[a]:
+                for j, f in cols[b]:
+                    jobs.append((a * sw + b, i * kw + j, (e + border_h) * wp + f + border_w,
+                                 int(not has[a * sw + b])))
+                    has[a * sw + b] = 1
+    if not jobs:  # no tap reaches any input element
+        gx.fill(0)
+        return
+    jobs = np.array(jobs, dtype=np.int64)
+    slack = int(jobs[:, 2].max())
+    plane = hp * wp
+    per = max(1, min(n, _PHASE_GEMM_BYTES // ((sh * sw * c_in + c_out) * plane
+                                               * gx.itemsize)))
+    # W[:, :, i, j]^T for each tap, contiguous: the GEMMs' left operands.
+    wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(kh * kw, c_in, c_out)
+    gyp = _scratch((c_out, per * plane + slack), gx.dtype)
+    outs = _scratch((sh * sw, c_in, per * plane), gx.dtype)
+    for n0 in range(0, n, per):
+        count = min(per, n - n0)
+        with parallel_region(c_out * count):
+            _pack_wide(gy, n0, count, gyp[:, :count * plane + slack], border_h, border_w,
+                       hp, wp)
+        with parallel_region(1):  # BLAS shares each GEMM
+            _shifted_gemms(wt, gyp, outs, jobs, count * plane)
+        with parallel_region(count * c_in):
+            _interleave_wide(outs, has, gx, n0, count, sh, sw, hp, wp)
 
 
 # Weight gradients as tiles. gw[co, c, i, j] = sum over (n, oh, ow) of gy[n, co, oh, ow] *
@@ -2106,6 +2242,8 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
         candidates["gemm"] = gemm
     if tiles_ok and direct:
         candidates["tiles"] = tiles
+    if g == 1 and params.stride != (1, 1) and (kh, kw) != (1, 1) and tiles_ok:
+        candidates["phase-gemm"] = lambda: _input_grad_phase_gemm(gyn, wn, gxn, params)
     _autotune.run(_choice_key("conv2d_backward_input", grad_out, weight, params), candidates,
                 2 * grad_out.numel() * cin_g * kh * kw)
     return gx
