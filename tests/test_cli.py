@@ -34,7 +34,8 @@ def test_info_reports_engines(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     for text in ["torch", "numba", "threading layer", "BLAS", "CPU engine", "CuPy", "GPU",
-                 "CUDA engine", "CUDA sources", "Numba cache", "CPU output cache"]:
+                 "CUDA engine", "CUDA sources", "Numba cache", "CPU output cache",
+                 "CPU kernel temporaries"]:
         assert text in out, text
     assert "first calls" not in out  # only with --first-call
     import fastconv.cuda

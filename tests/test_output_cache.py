@@ -110,3 +110,39 @@ def test_training_steps_on_recycled_memory_match_torch(small_cache, dtype):
         y = fastconv.conv2d(ours, w, padding=1)
         torch.testing.assert_close(y, F.conv2d(theirs, w, padding=1))
     assert cache_info()["hits"] > 0
+
+
+_FAULTS_SCRIPT = """
+import resource, numpy as np
+import fastconv
+from fastconv.cpu import _runtime
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(1 << 21)  # numpy's own first use
+before = faults()
+for _ in range(20):  # an 8 MiB temporary, as a kernel makes one per call
+    np.ones(1 << 21)
+print(_runtime.MALLOC_PRIMED, faults() - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.parametrize("prime", ["1", "0"])
+def test_engine_temporaries_reuse_the_heap(prime):
+    """Importing the engine raises glibc's mmap threshold (by freeing a ~32 MiB block), so an
+    8 MiB temporary comes from the heap, its pages already there, not from a fresh mapping
+    whose every page faults; FASTCONV_MALLOC_PRIME=0 leaves malloc as it was (a fresh
+    process's threshold is 128 KiB: a fresh mapping, faulting, on every call)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTCONV_MALLOC_PRIME=prime)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    primed, faults = out[0] == "True", int(out[1])
+    assert primed == (prime == "1")
+    if primed:
+        assert faults < 10, f"{faults} page faults over 20 temporaries from a primed heap"
+    else:
+        assert faults >= 20, f"only {faults} page faults over 20 fresh mappings"

@@ -173,6 +173,48 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
         return False
 
 
+# ------------------------------------------------------------------------ kernel temporaries
+# The kernels' own temporaries (Winograd's transform planes, im2col chunks, phase planes: from
+# a few hundred KiB to a few MiB, per work item) come from malloc. glibc maps every block
+# above its mmap threshold afresh and unmaps it on free, so each of its pages faults on the
+# first write, every call. The threshold starts at 128 KiB and rises to a freed mapping's size
+# (at most 32 MiB) the first time one is freed (mallopt(3), "dynamic mmap threshold"), which
+# in a PyTorch program happens as soon as some tensor of that size dies. Until then, the
+# kernels ran several times slower, and the autotuner measured them so: on the Xeon, a fresh
+# process's dilated 3x3 layer (64 channels, 56x56, batch 8) forward by Winograd F(4x4) took
+# 12.5-17.6 ms with ~1300 page faults a call, 4.2-4.5 ms once a 32 MiB block had been freed,
+# and the autotuner picked tiles (5.8 ms) over it. So importing the engine frees one such
+# block, the state any PyTorch program reaches early, and never sets the threshold itself
+# (which would turn glibc's adjustment off). FASTCONV_MALLOC_PRIME=0 leaves malloc alone.
+_PRIME_BYTES = (32 << 20) - (1 << 16)  # its mapping must stay within glibc's 32 MiB maximum
+
+
+def _prime_malloc() -> bool:
+    """Raise glibc's dynamic mmap threshold to ~32 MiB by freeing a mapping that large (see
+    above); False where this is not glibc or it is turned off."""
+    import platform
+
+    if os.environ.get("FASTCONV_MALLOC_PRIME", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        malloc, free = libc.malloc, libc.free
+    except (OSError, AttributeError):
+        return False
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+    block = malloc(_PRIME_BYTES)
+    if not block:
+        return False
+    free(block)
+    return True
+
+
+MALLOC_PRIMED = _prime_malloc()
+
+
 # ---------------------------------------------------------------------------- output memory
 # A fresh multi-megabyte tensor is a fresh mmap: its first write takes one page fault per 4 KiB
 # page, and the kernel zeroes every page first. On this class of machine that costs more than
