@@ -836,16 +836,16 @@ _PHASE_GEMM_BYTES = 32 << 20  # the wide planes of a chunk of images, at most (u
 
 
 def _wide_phase_geometry(in_hw, out_hw, kernel, stride, pad, dilation):
-    """Per axis: (taps[a] = [(tap, e)] for each phase a, border, plane extent, phase extents)
-    for ``_input_grad_phase_gemm``: output index oh = r + e feeds phase a's row r, read at
-    plane row r + e + border."""
+    """Per axis: (taps[a] = [(tap, e)] for each phase a, border, plane extent) for
+    ``_input_grad_phase_gemm``: output index oh = r + e feeds phase a's row r, read at plane
+    row r + e + border; the plane holds every phase's rows and grad_out's."""
     taps = [[(i, (a + pad - i * dilation) // stride) for i in range(kernel)
              if (a + pad - i * dilation) % stride == 0] for a in range(stride)]
     shifts = [e for phase in taps for _, e in phase] or [0]
     border = max(0, -min(shifts))
     phases = [-(-(in_hw - a) // stride) for a in range(stride)]
     extent = max(max(phases) + max(shifts), out_hw) + border
-    return taps, border, extent, phases
+    return taps, border, extent
 
 
 @njit(cache=True, parallel=True)
@@ -903,16 +903,6 @@ def _interleave_wide(outs, has, gx4, n0, count, sh, sw, hp, wp):
                     row[q * sw + b] = src[s0 + q] if live else zero
 
 
-def _scratch(shape, dtype) -> np.ndarray:
-    """np.empty for a multi-megabyte temporary, from the output cache (``_runtime.empty``):
-    from glibc, one that large is often a fresh mapping whose every page faults on its first
-    write (~0.5 us per 4 KiB), depending on what the process freed before."""
-    return _runtime.empty(shape, _TORCH_DTYPES[np.dtype(dtype)]).numpy()
-
-
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
-
 def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
                            params: Conv2dParams) -> None:
     """gx (N, C_in, H, W) = the input gradient of a one-group strided conv from gy (N, C_out,
@@ -923,8 +913,8 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
     ho, wo = gy.shape[2], gy.shape[3]
     (sh, sw), (dh, dw) = params.stride, params.dilation
     top, _, left, _ = params.padding
-    rows, border_h, hp, _ = _wide_phase_geometry(h, ho, kh, sh, top, dh)
-    cols, border_w, wp, _ = _wide_phase_geometry(w, wo, kw, sw, left, dw)
+    rows, border_h, hp = _wide_phase_geometry(h, ho, kh, sh, top, dh)
+    cols, border_w, wp = _wide_phase_geometry(w, wo, kw, sw, left, dw)
     jobs, has = [], np.zeros(sh * sw, dtype=np.int64)
     for a in range(sh):
         for b in range(sw):
@@ -943,8 +933,8 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
                                                * gx.itemsize)))
     # W[:, :, i, j]^T for each tap, contiguous: the GEMMs' left operands.
     wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(kh * kw, c_in, c_out)
-    gyp = _scratch((c_out, per * plane + slack), gx.dtype)
-    outs = _scratch((sh * sw, c_in, per * plane), gx.dtype)
+    gyp = np.empty((c_out, per * plane + slack), dtype=gx.dtype)
+    outs = np.empty((sh * sw, c_in, per * plane), dtype=gx.dtype)
     for n0 in range(0, n, per):
         count = min(per, n - n0)
         with parallel_region(c_out * count):
