@@ -768,20 +768,23 @@ def _phase_conv(gy: np.ndarray, weight: np.ndarray, out: np.ndarray, row_taps, c
 
 
 @njit(cache=True, parallel=True)
-def _interleave_phases(buf, offsets, hq, wq, gx4, sh, sw):
-    """gx4[n, c, r*sH + a, q*sW + b] = phase (a, b)'s plane element [n, c, r, q]; the planes
-    lie in ``buf`` at ``offsets[a*sW + b]``, each (N, C, hq[a], wq[b])."""
-    n_img, c_in, h, w = gx4.shape
-    gx = gx4.reshape(n_img * c_in * h * w)
-    for item in prange(n_img * c_in):
+def _interleave_phases(buf, offsets, strides, gx4, n0, count, sh, sw):
+    """gx4[n0 + m, c, r*sH + a, q*sW + b] = phase (a, b)'s plane element [m, c, r, q] for
+    m < count: in ``buf`` at offsets[p] + m*strides[p, 0] + c*strides[p, 1] + r*strides[p, 2]
+    + q, p = a*sW + b (a phase's rows are contiguous, its planes may lie anywhere)."""
+    c_in, h, w = gx4.shape[1], gx4.shape[2], gx4.shape[3]
+    gx = gx4.reshape(gx4.size)
+    for item in prange(count * c_in):
+        m, c = item // c_in, item % c_in
         for ih in range(h):
             a, r = ih % sh, ih // sh
-            dst = (item * h + ih) * w
+            dst = (((n0 + m) * c_in + c) * h + ih) * w
             if sw == 2:
                 # Two rows interleaved, the stride a literal (vectorised with shuffles).
-                s0 = offsets[a * 2] + (item * hq[a] + r) * wq[0]
-                s1 = offsets[a * 2 + 1] + (item * hq[a] + r) * wq[1]
-                row, r0, r1 = gx[dst:dst + w], buf[s0:s0 + wq[0]], buf[s1:s1 + wq[1]]
+                p0, p1 = a * 2, a * 2 + 1
+                s0 = offsets[p0] + m * strides[p0, 0] + c * strides[p0, 1] + r * strides[p0, 2]
+                s1 = offsets[p1] + m * strides[p1, 0] + c * strides[p1, 1] + r * strides[p1, 2]
+                row, r0, r1 = gx[dst:dst + w], buf[s0:s0 + (w + 1) // 2], buf[s1:s1 + w // 2]
                 for q in range(w // 2):
                     row[2 * q] = r0[q]
                     row[2 * q + 1] = r1[q]
@@ -789,8 +792,9 @@ def _interleave_phases(buf, offsets, hq, wq, gx4, sh, sw):
                     row[w - 1] = r0[w // 2]
                 continue
             for b in range(sw):
-                src = offsets[a * sw + b] + (item * hq[a] + r) * wq[b]
-                for q in range(wq[b]):
+                p = a * sw + b
+                src = offsets[p] + m * strides[p, 0] + c * strides[p, 1] + r * strides[p, 2]
+                for q in range((w - b + sw - 1) // sw):
                     gx[dst + q * sw + b] = buf[src + q]
 
 
@@ -818,8 +822,11 @@ def _input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
             part = buf[o:o + sizes[a * sw + b]].reshape(n, c_in, hq[a], wq[b])
             if part.size:  # else an input smaller than the stride: no such phase
                 _phase_conv(gy, weight, part, rows[a], cols[b], params.groups)
+    # Phase (a, b)'s planes are (N, C_in, hq[a], wq[b]), one after another.
+    strides = np.array([(c_in * hq[a] * wq[b], hq[a] * wq[b], wq[b]) for a in range(sh)
+                        for b in range(sw)], dtype=np.int64)
     with parallel_region(n * c_in):
-        _interleave_phases(buf, offsets, hq, wq, gx, sh, sw)
+        _interleave_phases(buf, offsets, strides, gx, 0, n, sh, sw)
 
 
 # Strided layers' input gradient as GEMMs over shifted views. Input row ih = r*sH + a (phase
@@ -839,8 +846,8 @@ def _wide_phase_geometry(in_hw, out_hw, kernel, stride, pad, dilation):
     """Per axis: (taps[a] = [(tap, e)] for each phase a, border, plane extent) for
     ``_input_grad_phase_gemm``: output index oh = r + e feeds phase a's row r, read at plane
     row r + e + border; the plane holds every phase's rows and grad_out's."""
-    taps = [[(i, (a + pad - i * dilation) // stride) for i in range(kernel)
-             if (a + pad - i * dilation) % stride == 0] for a in range(stride)]
+    taps = [[(i, (a + pad - i * dilation) // stride)
+             for i in _phase_taps(a, pad, kernel, stride, dilation)[0]] for a in range(stride)]
     shifts = [e for phase in taps for _, e in phase] or [0]
     border = max(0, -min(shifts))
     phases = [-(-(in_hw - a) // stride) for a in range(stride)]
@@ -857,11 +864,11 @@ def _pack_wide(gy4, n0, count, gyp, top, left, hp, wp):
     for item in prange(c_out * count):
         c, m = item // count, item % count
         row, base = gyp[c], m * plane
-        fill_at(row, base, top * wp + left, 0)
-        for oh in range(ho):
-            r = base + (oh + top) * wp + left
-            copy_at(row, r, gy4[n0 + m, c, oh], 0, wo)
-            fill_at(row, r + wo, wp - wo if oh + 1 < ho else plane - (r + wo - base), 0)
+        first = base + top * wp + left  # grad_out's first element
+        fill_at(row, base, first - base, 0)
+        _rows_to_wide(gy4[n0 + m, c].reshape(ho * wo), row[first:], 0, ho, wo, wp)
+        end = first + (ho - 1) * wp + wo  # past its last
+        fill_at(row, end, base + plane - end, 0)
         if m == count - 1:
             fill_at(row, count * plane, cols - count * plane, 0)
 
@@ -873,34 +880,6 @@ def _shifted_gemms(wt, gyp, outs, jobs, span):
     for t in range(jobs.shape[0]):
         p, k, off, first = jobs[t, 0], jobs[t, 1], jobs[t, 2], jobs[t, 3]
         _blas.gemm(wt[k], gyp[:, off:off + span], outs[p][:, :span], accumulate=first == 0)
-
-
-@njit(cache=True, parallel=True)
-def _interleave_wide(outs, has, gx4, n0, count, sh, sw, hp, wp):
-    """gx4[n0 + m, c, r*sH + a, q*sW + b] = outs[a*sW + b, c, m*Hp*Wp + r*Wp + q], or 0 for a
-    phase no tap reaches (has[p] == 0)."""
-    c_in, h, w = gx4.shape[1], gx4.shape[2], gx4.shape[3]
-    plane = hp * wp
-    zero = gx4.dtype.type(0)
-    for item in prange(count * c_in):
-        m, c = item // c_in, item % c_in
-        for ih in range(h):
-            a, r = ih % sh, ih // sh
-            row, s0 = gx4[n0 + m, c, ih], m * plane + r * wp
-            if sw == 2 and has[a * 2] and has[a * 2 + 1]:
-                # Two rows interleaved, the stride a literal (vectorised with shuffles).
-                r0, r1 = outs[a * 2, c], outs[a * 2 + 1, c]
-                for q in range(w // 2):
-                    row[2 * q] = r0[s0 + q]
-                    row[2 * q + 1] = r1[s0 + q]
-                if w % 2:
-                    row[w - 1] = r0[s0 + w // 2]
-                continue
-            for b in range(sw):
-                src = outs[a * sw + b, c]
-                live = has[a * sw + b]
-                for q in range((w - b + sw - 1) // sw):
-                    row[q * sw + b] = src[s0 + q] if live else zero
 
 
 def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
@@ -915,14 +894,10 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
     top, _, left, _ = params.padding
     rows, border_h, hp = _wide_phase_geometry(h, ho, kh, sh, top, dh)
     cols, border_w, wp = _wide_phase_geometry(w, wo, kw, sw, left, dw)
-    jobs, has = [], np.zeros(sh * sw, dtype=np.int64)
-    for a in range(sh):
-        for b in range(sw):
-            for i, e in rows[a]:
-                for j, f in cols[b]:
-                    jobs.append((a * sw + b, i * kw + j, (e + border_h) * wp + f + border_w,
-                                 int(not has[a * sw + b])))
-                    has[a * sw + b] = 1
+    # (phase, tap, shift, first of its phase): the first GEMM of a phase overwrites its plane.
+    jobs = [(a * sw + b, i * kw + j, (e + border_h) * wp + f + border_w, int(ti == tj == 0))
+            for a in range(sh) for b in range(sw)
+            for ti, (i, e) in enumerate(rows[a]) for tj, (j, f) in enumerate(cols[b])]
     if not jobs:  # no tap reaches any input element
         gx.fill(0)
         return
@@ -935,6 +910,10 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
     wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(kh * kw, c_in, c_out)
     gyp = np.empty((c_out, per * plane + slack), dtype=gx.dtype)
     outs = np.empty((sh * sw, c_in, per * plane), dtype=gx.dtype)
+    outs[np.setdiff1d(np.arange(sh * sw), jobs[:, 0])] = 0  # phases no tap reaches
+    # Phase p's plane element (m, c, r, q) is outs[p, c, m*Hp*Wp + r*Wp + q].
+    offsets = np.arange(sh * sw, dtype=np.int64) * c_in * per * plane
+    strides = np.array([(plane, per * plane, wp)] * (sh * sw), dtype=np.int64)
     for n0 in range(0, n, per):
         count = min(per, n - n0)
         with parallel_region(c_out * count):
@@ -943,7 +922,7 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
         with parallel_region(1):  # BLAS shares each GEMM
             _shifted_gemms(wt, gyp, outs, jobs, count * plane)
         with parallel_region(count * c_in):
-            _interleave_wide(outs, has, gx, n0, count, sh, sw, hp, wp)
+            _interleave_phases(outs.reshape(-1), offsets, strides, gx, n0, count, sh, sw)
 
 
 # Weight gradients as tiles. gw[co, c, i, j] = sum over (n, oh, ow) of gy[n, co, oh, ow] *
