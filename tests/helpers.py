@@ -33,12 +33,12 @@ def _copy(tensors, dtype=None, transform=None):
 
 
 def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, seed: int = 0,
-                         scale: str = "element"):
+                         scale: str = "element", ulps: float = 8.0):
     """Check ``ours(*tensors, **kwargs)`` and every gradient against ``theirs`` (torch.nn.functional).
 
     Truth is ``theirs`` in float64. Each element of ours (forward and every gradient) must be
-    within ``k`` times PyTorch's own worst error against that truth, plus 8 units of roundoff
-    of the element's condition scale (the same op on absolute values, i.e. sum |a||b| for a
+    within ``k`` times PyTorch's own worst error against that truth, plus ``ulps`` (8) units of
+    roundoff of the element's condition scale (the same op on absolute values, i.e. sum |a||b| for a
     convolution). A wrong index or a missing term is off by O(scale) and fails by orders of
     magnitude; honest rounding differences pass.
 
@@ -67,7 +67,7 @@ def assert_matches_torch(ours, theirs, tensors, kwargs=None, k: float = 4.0, see
         torch_err = (b.double() - t).abs().max().item() if t.numel() else 0.0
         if scale == "tensor" and s.numel():
             s = s.max()
-        tol = k * torch_err + 8 * eps * s
+        tol = k * torch_err + ulps * eps * s
         bad = err > tol
         assert not bad.any(), (
             f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst error "

@@ -136,12 +136,12 @@ OFFERS = [
     (((2, 16, 14, 14), (16, 16, 3, 3), dict(padding=1)),
      {"conv2d_forward": ["winograd", "winograd4", "tiles"],
       "conv2d_backward_input": ["winograd", "winograd4", "tiles"],
-      "conv2d_backward_weight": ["winograd", "tiles", "gemm"]}),
+      "conv2d_backward_weight": ["winograd", "winograd4", "tiles", "gemm"]}),
     # Dilated: the weight gradient's alternative is im2col and BLAS (no tiles for dW > 1).
     (((2, 16, 26, 25), (16, 16, 3, 3), dict(padding=2, dilation=2)),
      {"conv2d_forward": ["winograd", "winograd4", "tiles"],
       "conv2d_backward_input": ["winograd", "winograd4", "tiles"],
-      "conv2d_backward_weight": ["winograd", "gemm"]}),
+      "conv2d_backward_weight": ["winograd", "winograd4", "gemm"]}),
     # A 1x1 layer read as it is, small weights: tiles first forward, the GEMM first backward.
     (((2, 32, 9, 11), (24, 32, 1, 1), {}),
      {"conv2d_forward": ["tiles", "gemm"], "conv2d_backward_input": ["gemm", "tiles"],
@@ -192,7 +192,7 @@ def test_a_measured_layer_runs_its_choice(monkeypatch):
     assert {k[0]: set(v["seconds"]) for k, v in made.items()} == {
         "conv2d_forward": {"winograd", "winograd4", "tiles"},
         "conv2d_backward_input": {"winograd", "winograd4", "tiles"},
-        "conv2d_backward_weight": {"winograd", "tiles", "gemm"}}
+        "conv2d_backward_weight": {"winograd", "winograd4", "tiles", "gemm"}}
     y1 = fastconv.conv2d(x, w, padding=1)
     again = torch.autograd.grad(fastconv.conv2d(x, w, padding=1), (x, w), gy)
     assert len(measured) == 3

@@ -584,13 +584,17 @@ WINOGRAD = [  # (input, weight, options): 3x3 stride-1 layers the CPU engine run
 @pytest.mark.parametrize("shapes", WINOGRAD, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_winograd_layers(dtype, shapes, chunks, tile, monkeypatch):
     """Forward and both gradients go through Winograd on the CPU: F(2x2, 3x3) (``tile``
-    "winograd") or F(4x4, 3x3) ("winograd4") forward and input gradient, F(3x3, 2x2) weight
-    gradient, per dilation phase; on planes of any size
+    "winograd") or F(4x4, 3x3) ("winograd4") forward and input gradient, and their duals
+    F(3x3, 2x2) or F(3x3, 4x4) for the weight gradient, per dilation phase; on planes of any
+    size
     (the engine takes Winograd from 12x12 on: the small ones are its edge cases), with the
     chunk sizes the engine uses (these small layers fit one chunk) and with one tile row per
     forward chunk and 7 tiles per weight-gradient chunk (several chunks, short last ones).
     Error bound: a few PyTorch-sized errors plus 8 ulp of the tensor's largest condition
-    scale (Winograd mixes a tile's terms, see helpers)."""
+    scale (Winograd mixes a tile's terms, see helpers); 16 for F(4x4), whose transforms'
+    larger coefficients grow the roundoff (worst seen on these layers, in ulp of that scale:
+    forward and input gradient 4.5-5.9, weight gradient 6.5 in float32 and 10.5 in float64,
+    against F(2x2)'s 0.7-1.8; a wrong term is off by O(1/eps) of them)."""
     from fastconv._args import conv2d_params
     from fastconv.cpu import _autotune
     from fastconv.cpu import conv2d as cpu_conv2d
@@ -615,9 +619,9 @@ def test_winograd_layers(dtype, shapes, chunks, tile, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen) for s in (xs, ws, ws[:1]))
     assert_matches_torch(fastconv.conv2d, F.conv2d, _on("cpu", dtype, x, w, b), opts,
-                         scale="tensor")
+                         scale="tensor", ulps=16 if tile == "winograd4" else 8)
     assert ran == {("conv2d_forward", tile), ("conv2d_backward_input", tile),
-                   ("conv2d_backward_weight", "winograd")}
+                   ("conv2d_backward_weight", tile)}
 
 
 @pytest.mark.parametrize("shapes, winograd", [

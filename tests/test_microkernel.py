@@ -16,7 +16,8 @@ from fastconv.cpu import _microkernel
 from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
                                        prefetch_run, stream_fence, stream_run, tile_fma,
                                        transpose_block, window_max3_s2, winograd4_input_band,
-                                       winograd4_output_band, winograd_grad_band,
+                                       winograd4_grad_band, winograd4_output_band,
+                                       winograd_grad_band,
                                        winograd_input_band, winograd_output_band)
 from helpers import AVX512_FEATURES, run_for_target
 
@@ -258,6 +259,7 @@ def test_256_bit_build_of_the_tiles(tmp_path):
             t.test_transpose_block_moves_exactly_its_block(dtype)
             t.test_winograd4_input_band_is_the_transform_of_its_patches(dtype)
             t.test_winograd4_output_band_writes_its_rows_and_columns_only(dtype)
+            t.test_winograd4_grad_band_is_the_transform_of_its_tiles(dtype)
             for coded in (True, False):
                 t.test_window_max3_s2_is_the_tap_order_max(dtype, coded)
         from helpers import assert_matches_torch
@@ -428,6 +430,11 @@ def _output4_band(mf, base, stride, y, r, count, bias, n):
     winograd4_output_band(mf, base, stride, y, r[0], r[1], r[2], r[3], count, bias, n)
 
 
+@numba.njit
+def _grad4_band(g, r, count, uf, base, stride, n):
+    winograd4_grad_band(g, r[0], r[1], r[2], r[3], count, uf, base, stride, n)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd4_input_band_is_the_transform_of_its_patches(dtype):
     """Element k of B^T d B per tile (``WINOGRAD4_BT``), d read from six rows (or zero rows)
@@ -471,6 +478,29 @@ def test_winograd4_output_band_writes_its_rows_and_columns_only(dtype):
                 assert (y[~written] == 7.5).all(), (n, count, live)
                 scale = np.abs(m).max() * 16 + abs(float(bias))
                 assert np.abs(y[written] - want[written]).max() <= 32 * eps * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd4_grad_band_is_the_transform_of_its_tiles(dtype):
+    """Element k of A H A^T per tile (A = ``WINOGRAD4_AT`` transposed), H's four rows (some
+    missing) read up to ``count`` columns (the last tile cut after 1, 2 or 3), zeros after."""
+    rng = np.random.default_rng(23)
+    at = np.array(_microkernel.WINOGRAD4_AT)
+    eps = np.finfo(dtype).eps
+    for n in _band_lengths(dtype):
+        for count in (4 * n, 4 * n - 1, 4 * n - 2, 4 * n - 3):
+            g, offs = _rows_in_nan(rng, dtype, count, 4)
+            for rows in (offs, [offs[0], offs[1], -1, -1], [offs[0], -1, -1, -1]):
+                uf, base, stride = _planes_out(dtype, n, planes=36)
+                _grad4_band(g, np.array(rows, np.int64), count, uf, base, stride, n)
+                h = np.zeros((n, 4, 4))  # tile, row, column
+                for u, r in enumerate(rows):
+                    for t in range(n):
+                        for v in range(4):
+                            if r >= 0 and 4 * t + v < count:
+                                h[t, u, v] = g[r + 4 * t + v]
+                want = np.einsum("ui,tuv,vj->ijt", at, h, at).reshape(36, n)
+                _check_planes(uf, base, stride, n, want, rtol=32 * eps)
 
 
 # ---- Max pooling's window maxima (3 taps at stride 2)

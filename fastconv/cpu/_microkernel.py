@@ -871,6 +871,51 @@ def winograd4_output_band(typingctx, mf, base, stride, y, r0, r1, r2, r3, count,
     return sig, codegen
 
 
+@intrinsic
+def winograd4_grad_band(typingctx, g, r0, r1, r2, r3, count, uf, base, stride, n):
+    """uf[base + k*stride + t] = element k of A H A^T (A = ``WINOGRAD4_AT`` transposed) for
+    tiles t < n, H the 4x4 tile of rows g[r_u + c] (u < 4; r_u < 0: a row of zeros), columns
+    c = 4t + v (v < 4), zero from ``count`` on: F(4x4, 3x3)'s grad_out transform for the
+    weight gradient, the dual of ``winograd4_output_band``. Columns split four ways as in
+    ``winograd4_input_band``. g, uf: 1-D contiguous arrays of one float dtype."""
+    if not _float_runs((g, uf), (r0, r1, r2, r3, count, base, stride, n)):
+        return None
+    sig = types.void(g, r0, r1, r2, r3, count, uf, base, stride, n)
+
+    def codegen(context, builder, signature, args):
+        gp, *rest = _band_args(context, builder, signature, args)
+        rows, (count_v, up, base_v, stride_v, n_v) = rest[:4], rest[4:]
+        lv = _Lanes(context, builder, signature.args[0].dtype)
+        fma = _fma_of(lv)
+        b, L = builder, lv.n
+        with lv.blocks(n_v) as q:
+            c0 = b.mul(q, lv.const(4))
+            cols = []  # per tile row u, its 6 column combinations: (H A^T)[u, j]
+            for r in rows:
+                valid = b.icmp_signed(">=", r, lv.const(0))
+                vecs = []
+                for s in range(4):
+                    start = b.add(c0, lv.const(s * L))
+                    hi = b.select(valid, b.sub(count_v, start), lv.const(0))
+                    vecs.append(lv.load(gp, b.add(r, start), lv.below(hi)))
+                e01, o01 = lv.evens(vecs[0], vecs[1]), lv.odds(vecs[0], vecs[1])
+                e23, o23 = lv.evens(vecs[2], vecs[3]), lv.odds(vecs[2], vecs[3])
+                h = (lv.evens(e01, e23), lv.evens(o01, o23), lv.odds(e01, e23),
+                     lv.odds(o01, o23))
+                cols.append([_combine(lv, fma, [WINOGRAD4_AT[v][j] for v in range(4)], h)
+                             for j in range(6)])
+            live = lv.below(b.sub(n_v, q))
+            at = b.add(base_v, q)
+            for i in range(6):
+                for j in range(6):
+                    v = _combine(lv, fma, [WINOGRAD4_AT[u][i] for u in range(4)],
+                                 [cols[u][j] for u in range(4)])
+                    lv.store(v, up, b.add(at, b.mul(stride_v, lv.const(6 * i + j))), live)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ------------------------------------------------------------------------ pooling
 @intrinsic
 def window_max3_s2(typingctx, x, a, hv, hc, d, n, coded):

@@ -55,8 +55,8 @@ from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
 from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, transpose_block,
-                           winograd4_input_band, winograd4_output_band, winograd_grad_band,
-                           winograd_input_band, winograd_output_band)
+                           winograd4_grad_band, winograd4_input_band, winograd4_output_band,
+                           winograd_grad_band, winograd_input_band, winograd_output_band)
 from ._window import (U2, U64, add_at, col_range, copy_at, fill, fill_at, front,
                       phase_merge, phase_split)
 
@@ -1873,39 +1873,48 @@ def _column_phases(a: np.ndarray, d: int) -> np.ndarray:
 # The weight gradient is Winograd F(3x3, 2x2), the dual of F(2x2, 3x3) (transposition
 # principle): gw = G^T [ sum over tiles (A H A^T) . (B^T D B) ] G, H a 2x2 tile of grad_out,
 # D the forward's 4x4 input patch, A = [[1, 0], [1, 1], [1, -1], [0, -1]]. The sum over tiles
-# is 16 GEMMs (C_out, tiles) @ (tiles, C_in): tiles are the long, inner dimension.
+# is 16 GEMMs (C_out, tiles) @ (tiles, C_in): tiles are the long, inner dimension. Or the dual
+# of F(4x4, 3x3): 4x4 grad_out tiles, 6x6 input patches, A^T and G as ``WINOGRAD4_AT`` and
+# ``WINOGRAD4_G``, 36 GEMMs over a quarter as many tiles (0.56x the GEMM flops, and 0.56x the
+# transformed input per output).
 @njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n, t_off=0):
-    """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the 2x2 grad_out
-    tile H of row phase ph (see ``_winograd_output``), zero past the phase's last row or
-    column. See ``winograd_grad_band``."""
+def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n, t_off=0, m=2):
+    """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the m x m
+    grad_out tile H of row phase ph (see ``_winograd_output``), zero past the phase's last row
+    or column. See ``winograd_grad_band``, ``winograd4_grad_band``."""
     c_out, ho, wo = gy3.shape
     gf = gy3.reshape(-1)
     for co in range(c_out):
         for th in range(th0, th1):
-            oh = ph + dh * 2 * th
-            r1 = (co * ho + oh + dh) * wo if 2 * th + 1 < hu else -1
-            winograd_grad_band(gf, (co * ho + oh) * wo, r1, wv, uf,
-                               co * tiles + t_off + (th - th0) * tw_n, stride, tw_n)
+            oh = ph + dh * m * th
+            first = co * tiles + t_off + (th - th0) * tw_n
+            if m == 2:
+                r1 = (co * ho + oh + dh) * wo if 2 * th + 1 < hu else -1
+                winograd_grad_band(gf, (co * ho + oh) * wo, r1, wv, uf, first, stride, tw_n)
+            else:
+                r = [(co * ho + oh + dh * u) * wo if m * th + u < hu else -1 for u in range(4)]
+                winograd4_grad_band(gf, r[0], r[1], r[2], r[3], wv, uf, first, stride, tw_n)
 
 
 @njit(cache=True, parallel=True)
 def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per):
-    """part (P, 16, C_out, C_in): chunk p's sum over its images (a fixed split of the batch,
-    so the sum order depends only on P) of the transformed tile products, every dilation
-    phase and tile in order; gys5 and xs5 hold grad_out's (Ho, Wo) and the input's column
-    phases (``_column_phases``). The products are taken ``per`` whole images at a time (small
+    """part (P, (m+2)^2, C_out, C_in): chunk p's sum over its images (a fixed split of the
+    batch, so the sum order depends only on P) of the transformed tile products, every
+    dilation phase and tile in order, for F(m x m, 3x3)'s dual, m = 2 (16 planes) or 4 (36);
+    gys5 and xs5 hold grad_out's (Ho, Wo) and the input's column phases
+    (``_column_phases``). The products are taken ``per`` whole images at a time (small
     planes), or else ``rows`` tile rows of one phase at a time."""
     n_img, c_in, c_out = xs5.shape[0], xs5.shape[2], gys5.shape[2]
-    chunks_p = part.shape[0]
-    tw_max = (-(-wo // dw) + 1) // 2
-    tiles_img = _image_tiles(ho, wo, dh, dw, 2)
+    chunks_p, planes = part.shape[0], part.shape[1]
+    m = 2 if planes == 16 else 4
+    tw_max = (-(-wo // dw) + m - 1) // m
+    tiles_img = _image_tiles(ho, wo, dh, dw, m)
     tiles_max = max(rows * tw_max, per * tiles_img)
     for p in prange(chunks_p):
         acc = part[p]
         acc[:] = 0
-        V = np.empty(16 * _plane_stride(c_in * tiles_max, xs5.itemsize), dtype=xs5.dtype)
-        U = np.empty(16 * _plane_stride(c_out * tiles_max, xs5.itemsize), dtype=xs5.dtype)
+        V = np.empty(planes * _plane_stride(c_in * tiles_max, xs5.itemsize), dtype=xs5.dtype)
+        U = np.empty(planes * _plane_stride(c_out * tiles_max, xs5.itemsize), dtype=xs5.dtype)
         n0, n1 = p * n_img // chunks_p, (p + 1) * n_img // chunks_p
         if per > 1:
             for g0 in range(n0, n1, per):
@@ -1916,20 +1925,20 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                 t_off = 0
                 for n in range(g0, g1):
                     for phase in range(dh * dw):
-                        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, 2)
+                        ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
                         if tw_n == 0:
                             continue
                         r, left = _column_phase(pw, pl, dw)
                         _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n,
-                                        tw_n, t_off)
+                                        tw_n, t_off, m)
                         _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, 0, th_n,
-                                             tw_n, t_off)
+                                             tw_n, t_off, m)
                         t_off += th_n * tw_n
                 _winograd_products(V, U, vs, us, tiles, acc)
             continue
         for n in range(n0, n1):
             for phase in range(dh * dw):
-                ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, 2)
+                ph, pw, hu, wv, th_n, tw_n = _phase(ho, wo, dh, dw, phase, m)
                 if tw_n == 0:
                     continue
                 r, left = _column_phase(pw, pl, dw)
@@ -1940,9 +1949,10 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                     # needs each C-contiguous.
                     vs = _plane_stride(c_in * tiles, xs5.itemsize)
                     us = _plane_stride(c_out * tiles, xs5.itemsize)
-                    _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n)
+                    _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n,
+                                    0, m)
                     _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, th0, th1,
-                                         tw_n)
+                                         tw_n, 0, m)
                     _winograd_products(V, U, vs, us, tiles, acc)
 
 
@@ -1950,7 +1960,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
 def _winograd_products(V, U, vs, us, tiles, acc):
     """acc[k] += U[k] @ V[k]^T over a chunk's tiles (planes as in ``_winograd_input``)."""
     c_out, c_in = acc.shape[1], acc.shape[2]
-    for k in range(16):
+    for k in range(acc.shape[0]):
         # The GEMM adds into acc itself (beta = 1): a product matrix added afterwards cost a
         # pass over 16 C_out x C_in matrices per chunk (GEMMs alone, 2 threads, 128 channels,
         # 256 tiles: 279 -> 338 GFLOP/s; 256 channels, 196 tiles: 276 -> 355).
@@ -1960,31 +1970,48 @@ def _winograd_products(V, U, vs, us, tiles, acc):
 
 @njit(cache=True, parallel=True)
 def _winograd_weight_output(part, gw4):
-    """gw4 (C_out, C_in, 3, 3) = G^T M G, M the chunks' sum in chunk order."""
-    chunks_p, c_out, c_in = part.shape[0], part.shape[2], part.shape[3]
+    """gw4 (C_out, C_in, 3, 3) = G^T M G, M the chunks' sum in chunk order (16 planes:
+    F(2x2)'s G; 36: ``WINOGRAD4_G``), in float64."""
+    chunks_p, planes, c_out, c_in = part.shape
+    s = 4 if planes == 16 else 6
     # The chunks' sums for one output channel are taken a row of part at a time into a local
-    # buffer (rows spaced as in _plane_stride), not 16 * P loads C_out*C_in apart per (co, ci).
+    # buffer (rows spaced as in _plane_stride), not planes * P loads C_out*C_in apart per
+    # (co, ci).
     ls = _plane_stride(c_in, 8)
     for co in prange(c_out):
-        m = np.empty(16)
-        t = np.empty((3, 4))
-        sums = np.zeros(16 * ls)
+        m = np.empty(planes)
+        t = np.empty((3, s))
+        sums = np.zeros(planes * ls)
         for p in range(chunks_p):
-            for k in range(16):
+            for k in range(planes):
                 add_at(sums, k * ls, part[p, k, co], 0, c_in)
         for ci in range(c_in):
-            for k in range(16):
+            for k in range(planes):
                 m[k] = sums[k * ls + ci]
-            for c in range(4):  # t = G^T m
-                m0, m1, m2, m3 = m[c], m[4 + c], m[8 + c], m[12 + c]
-                t[0, c] = m0 + 0.5 * (m1 + m2)
-                t[1, c] = 0.5 * (m1 - m2)
-                t[2, c] = 0.5 * (m1 + m2) + m3
-            for r in range(3):  # gw = t G
-                t0, t1, t2, t3 = t[r, 0], t[r, 1], t[r, 2], t[r, 3]
-                gw4[co, ci, r, 0] = t0 + 0.5 * (t1 + t2)
-                gw4[co, ci, r, 1] = 0.5 * (t1 - t2)
-                gw4[co, ci, r, 2] = 0.5 * (t1 + t2) + t3
+            if s == 4:
+                for c in range(4):  # t = G^T m
+                    m0, m1, m2, m3 = m[c], m[4 + c], m[8 + c], m[12 + c]
+                    t[0, c] = m0 + 0.5 * (m1 + m2)
+                    t[1, c] = 0.5 * (m1 - m2)
+                    t[2, c] = 0.5 * (m1 + m2) + m3
+                for r in range(3):  # gw = t G
+                    t0, t1, t2, t3 = t[r, 0], t[r, 1], t[r, 2], t[r, 3]
+                    gw4[co, ci, r, 0] = t0 + 0.5 * (t1 + t2)
+                    gw4[co, ci, r, 1] = 0.5 * (t1 - t2)
+                    gw4[co, ci, r, 2] = 0.5 * (t1 + t2) + t3
+                continue
+            for r in range(3):
+                for c in range(6):
+                    acc = 0.0
+                    for a in range(6):
+                        acc += _G4[a, r] * m[6 * a + c]
+                    t[r, c] = acc
+            for r in range(3):
+                for c in range(3):
+                    acc = 0.0
+                    for b in range(6):
+                        acc += t[r, b] * _G4[b, c]
+                    gw4[co, ci, r, c] = acc
 
 
 # Output planes (per dilation phase) smaller than this in either dimension run as direct
@@ -2241,20 +2268,23 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
         return gw
     gw3 = gwn.reshape(g, c_out // g, -1)
 
-    def winograd():
+    def winograd(m=2):
         top, _, left, _ = params.padding
         dh, dw = params.dilation
         gys, xs = _column_phases(gyn, dw), _column_phases(xn, dw)
         chunks = min(n, engine_threads())
-        part = np.empty((chunks, 16, c_out, c_in), dtype=xn.dtype)
+        part = np.empty((chunks, (m + 2) ** 2, c_out, c_in), dtype=xn.dtype)
         with parallel_region(chunks):
             # Tiles are the GEMMs' inner dimension here, and each chunk's products are added
             # into the partial sums: long chunks amortise that (not the L2 budget above).
-            tw_n = (-(-wo // dw) + 1) // 2  # tile columns of the widest dilation phase
-            rows = max(1, min((-(-ho // dh) + 1) // 2, _WINOGRAD_WGRAD_TILES // tw_n))
+            # F(4x4)'s budgets are in tiles of F(2x2)'s transformed size (16 / 36 as many).
+            budget, image_budget = _WINOGRAD_WGRAD_TILES, _WINOGRAD_WGRAD_IMAGE_TILES
+            if m == 4:
+                budget, image_budget = budget * 16 // 36, image_budget * 16 // 36
+            tw_n = (-(-wo // dw) + m - 1) // m  # tile columns of the widest dilation phase
+            rows = max(1, min((-(-ho // dh) + m - 1) // m, budget // tw_n))
             # Small planes: whole images per chunk (see _WINOGRAD_WGRAD_IMAGE_TILES).
-            per = max(1, min(-(-n // chunks), _WINOGRAD_WGRAD_IMAGE_TILES //
-                             _image_tiles(ho, wo, dh, dw, 2)))
+            per = max(1, min(-(-n // chunks), image_budget // _image_tiles(ho, wo, dh, dw, m)))
             _winograd_backward_weight(gys, xs, part, ho, wo, top, left, dh, dw, rows, per)
         with parallel_region(c_out):
             _winograd_weight_output(part, gwn)
@@ -2294,6 +2324,7 @@ def conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape
     candidates = {}
     if _is_winograd(params, weight_shape, (ho, wo)):
         candidates["winograd"] = winograd
+        candidates["winograd4"] = functools.partial(winograd, 4)
     if (kh, kw) != (1, 1) and params.dilation[1] == 1 \
             and _tiles_fill_lanes(c_out // g, gwn.dtype, WEIGHT_GRAD_MIN_FILL):
         candidates["tiles"] = tiles
