@@ -13,7 +13,8 @@ from numba import njit, prange
 from numba.core.errors import TypingError
 
 from fastconv.cpu import _blas
-from fastconv.cpu._runtime import blas_info, engine_threads, parallel_region
+from fastconv.cpu import _runtime
+from fastconv.cpu._runtime import blas_info, engine_threads, parallel_kernel, parallel_region
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +135,66 @@ def test_gemm_runs_blas_single_threaded_inside_parallel_kernels(items):
     assert threads == (1 if items < engine_threads() else engine_threads())
 
 
+def _threads_seen_py(seen):
+    for i in prange(seen.shape[0]):
+        seen[i, 0] = _blas._region_threads()
+        seen[i, 1] = _blas._published_threads()
+
+
+def test_a_one_thread_region_runs_the_serial_build():
+    """A parallel_kernel runs its serial build inside a parallel_region of one thread, where
+    gemm's BLAS team is a top-level one and not nested in a Numba region (which stalled: see
+    _runtime's "Nesting"), and its parallel build with several threads. The choice is per
+    Python thread and undone on leaving the region, by an exception too."""
+    import threading
+
+    kernel = parallel_kernel(_threads_seen_py)  # fresh dispatchers: no signatures yet
+    seen = np.zeros((64, 2), np.int64)
+    with parallel_region(1):
+        assert _runtime._region.serial
+        other = []
+        t = threading.Thread(target=lambda: other.append(_runtime._region.serial))
+        t.start()
+        t.join()
+        assert other == [False]
+        kernel(seen)
+    assert len(kernel.serial.signatures) == 1 and kernel.parallel.signatures == []
+    assert (seen[:, 0] == 1).all() and (seen[:, 1] == engine_threads()).all()
+    assert not _runtime._region.serial
+    if engine_threads() > 1:
+        with parallel_region(64) as threads:
+            assert not _runtime._region.serial
+            kernel(seen)
+        assert len(kernel.parallel.signatures) == 1 and (seen[:, 0] == threads).all()
+    with pytest.raises(ValueError), parallel_region(1):
+        raise ValueError
+    assert not _runtime._region.serial
+
+
+def _numba_kernels(tree):
+    """{name: decorator source} of the functions in ``tree`` compiled by Numba."""
+    return {f.name: ast.unparse(d) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+            for d in f.decorator_list if "njit" in ast.unparse(d) or "parallel_kernel" in
+            ast.unparse(d) or "intrinsic" in ast.unparse(d)}
+
+
+@pytest.mark.parametrize("module", ["conv2d", "pool2d", "_window", "_microkernel"])
+def test_parallel_njit_is_only_called_from_numba_code(module):
+    """A plain ``njit(parallel=True)`` kernel called from Python would run inside a one-thread
+    region as parallel code and nest BLAS's team: kernels called from Python are
+    parallel_kernels, and a parallel njit is only called by other Numba code."""
+    tree = ast.parse((ROOT / "fastconv" / "cpu" / f"{module}.py").read_text())
+    kernels = _numba_kernels(tree)
+    parallel = {n for n, d in kernels.items() if "njit" in d and "parallel=True" in d}
+    for f in ast.walk(tree):
+        if not isinstance(f, ast.FunctionDef) or f.name in kernels:
+            continue
+        called = {ast.unparse(c.func) for c in ast.walk(f) if isinstance(c, ast.Call)}
+        assert not called & parallel, (module, f.name, sorted(called & parallel))
+    if module == "conv2d":
+        assert parallel == {"_packed_groups"}  # the check sees what it checks
+
+
 def test_blas_info_names_the_library():
     (lib,) = blas_info()
     assert lib["internal_api"] in ("mkl", "openblas", "blis")
@@ -173,7 +234,9 @@ def test_kernels_that_call_gemm_are_cached_on_disk(tmp_path):
                          text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "Cannot cache" not in run.stderr, run.stderr
-    indexed = {p.name.split(".")[1].rsplit("-", 1)[0] for p in tmp_path.rglob("conv2d.*.nbi")}
+    # (a parallel_kernel's serial build is indexed as "<name>__serial")
+    indexed = {p.name.split(".")[1].rsplit("-", 1)[0].removesuffix("__serial")
+               for p in tmp_path.rglob("conv2d.*.nbi")}
     callers = _gemm_callers()
     assert len(callers) >= 10
     assert sorted(set(callers) - indexed) == []

@@ -13,6 +13,15 @@ Three hazards, each handled here once for every CPU kernel:
 * Concurrency. Numba's ``workqueue`` layer aborts the process when two Python threads enter
   parallel code at once. fastconv asks for ``tbb`` or ``omp`` first (unless the user chose a
   layer) and serialises its calls with a lock if ``workqueue`` is what Numba ended up with.
+* Nesting. A kernel with fewer work items than threads runs them one at a time and gives BLAS
+  the threads, but not from inside a parallel launch: MKL's OpenMP team started from within a
+  Numba region of one thread is a nested team (one libgomp serves both here), and after a
+  region of two threads it stalled for a scheduler time slice. Measured on the EPYC, 2
+  threads, a (150x16) @ (16x100) GEMM right after a two-thread kernel: 7.7 ms from a
+  one-thread region, 22 us from serial code; a batch-1 LeNet conv2 forward+backward took 8.0
+  ms against PyTorch's 0.27. So every top-level kernel is compiled twice
+  (``parallel_kernel``), and ``parallel_region`` picks the serial build where it would run one
+  thread.
 """
 
 from __future__ import annotations
@@ -123,6 +132,59 @@ def engine_threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
+class _Region(threading.local):
+    serial = False  # inside a parallel_region that runs one Numba thread (per Python thread)
+
+
+_region = _Region()
+
+
+class parallel_kernel:  # noqa: N801 - a decorator
+    """``@parallel_kernel``: a Numba kernel with ``prange`` loops, compiled (lazily, each cached
+    on disk) both ``parallel=True`` and as plain serial code, where ``prange`` is ``range``.
+    A call runs the serial build inside a ``parallel_region`` of one Numba thread (see
+    "Nesting" above), else the parallel one. Only for kernels called from Python; Numba code
+    calls ``.parallel`` or a plain ``njit`` function."""
+
+    def __new__(cls, fn=None, **options):
+        """``@parallel_kernel`` or ``@parallel_kernel(**njit options)``."""
+        if fn is None:
+            return functools.partial(cls, **options)
+        return super().__new__(cls)
+
+    def __init__(self, fn, **options):
+        self._fn = self.__wrapped__ = fn
+        self._options = options
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+        self.parallel = numba.njit(cache=True, parallel=True, **options)(fn)
+        self._serial = None
+
+    @property
+    def serial(self):
+        if self._serial is None:
+            import types
+
+            fn = self._fn
+            # A copy under its own qualified name: Numba's disk cache is keyed by it, and the
+            # two builds of one function would overwrite each other's index.
+            copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__,
+                                      fn.__defaults__, fn.__closure__)
+            copy.__qualname__ = fn.__qualname__ + "__serial"
+            copy.__module__, copy.__doc__ = fn.__module__, fn.__doc__
+            self._serial = numba.njit(cache=True, nogil=True, **self._options)(copy)
+        return self._serial
+
+    def __call__(self, *args):
+        return (self.serial if _region.serial else self.parallel)(*args)
+
+    def __getattr__(self, name):
+        # The rest of a dispatcher's interface (py_func, targetoptions, signatures,
+        # inspect_asm...) is the parallel build's.
+        if name.startswith("_") or name == "parallel":
+            raise AttributeError(name)
+        return getattr(self.parallel, name)
+
+
 class parallel_region:  # noqa: N801 - used like a function: ``with parallel_region(n):``
     """Run one Numba parallel kernel with ``items`` independent work items.
 
@@ -133,7 +195,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
     every engine call, and a tiny conv's whole kernel takes a few microseconds.
     """
 
-    __slots__ = ("items", "torch_threads", "saved_numba", "saved_blas", "lock")
+    __slots__ = ("items", "torch_threads", "saved_numba", "saved_blas", "lock", "was_serial")
 
     def __init__(self, items: int):
         self.items = items
@@ -150,6 +212,8 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
         if self.saved_numba != numba_threads:
             numba.set_num_threads(numba_threads)
         _blas.set_threads(threads)
+        self.was_serial = _region.serial
+        _region.serial = numba_threads == 1
         self.saved_blas = []
         for lib in _scipy_blas_libs():
             current = lib.num_threads
@@ -160,6 +224,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 
     def __exit__(self, *exc) -> bool:
         try:
+            _region.serial = self.was_serial
             for lib, n in self.saved_blas:
                 lib.set_num_threads(n)
             if numba.get_num_threads() != self.saved_numba:

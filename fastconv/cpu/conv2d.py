@@ -53,7 +53,8 @@ from numba import njit, prange
 
 from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
-from ._runtime import engine_threads, float32_for_half, l2_bytes, parallel_region
+from ._runtime import (engine_threads, float32_for_half, l2_bytes, parallel_kernel,
+                       parallel_region)
 from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, transpose_block,
                            winograd4_grad_band, winograd4_input_band, winograd4_output_band,
                            winograd_grad_band, winograd_input_band, winograd_output_band)
@@ -273,7 +274,7 @@ def _forward_wide(x3, w2, b1, has_bias, out, kh, kw, sh, sw, pt, pl, dh, dw, ho,
             _rows_from_wide(y[co], out[co], oh0, oh1, wo, wq, b1[co], has_bias)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     n_img, groups, cin_g, h, w = x5.shape
     cout_g = w3.shape[1]
@@ -293,7 +294,7 @@ def _forward(x5, w3, b2, y4, has_bias, direct, kh, kw, sh, sw, pt, pl, dh, dw, h
                           dw, ho, wo)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     n_img, groups, cin_g, h, w = gx5.shape
     for item in prange(n_img * groups):
@@ -306,7 +307,7 @@ def _backward_input(gy4, w3, gx5, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo
                                  ho, wo)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _backward_weight(gy4, x5, part, direct, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo):
     """part (P, G, C_out/G, K): chunk p's sum over its images of gy @ col.T."""
     n_img, groups, cin_g, h, w = x5.shape
@@ -367,7 +368,7 @@ def _packed_groups(a4, n0, cnt):
     return packed
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, n0, cnt, mblocks):
     """out4[n, g] = mat3[g] @ a4[n, g] (``mat3[g].T`` with ``transpose``), plus the bias, for
     images [n0, n0 + cnt): packed side by side into one (Ka, cnt*HW) matrix per group, then one
@@ -406,7 +407,7 @@ def _pointwise_packed(a4, mat3, b2, out4, has_bias, transpose, n0, cnt, mblocks)
 _WEIGHT_GEMM_DEPTH = 2048
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _pointwise_weight_rows(gy4, x4, gw3, n0, cnt, blocks, first):
     """gw3[g] (+)= gy @ x.T over images [n0, n0 + cnt) as one GEMM of depth cnt*HW per
     block of output channels (``blocks`` a group): gy4 (N, G, C_out/G, HW), x4 (N, G,
@@ -446,7 +447,7 @@ def _pointwise_gemms(a4, mat3, b2, out4, has_bias: bool, transpose: bool, per: i
                               mblocks)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _sum_chunks(part, out):
     """out[g] = part[0, g] + part[1, g] + ... in chunk order (deterministic)."""
     chunks, groups = part.shape[0], part.shape[1]
@@ -460,7 +461,7 @@ def _sum_chunks(part, out):
 # Reassociation only, so LLVM splits each plane's float64 sum into vector lanes: one chain of
 # dependent float64 adds ran one add per ~4 cycles. The lane order is fixed at compile time and
 # a channel is one work item, so the bits do not depend on the thread count.
-@njit(cache=True, parallel=True, fastmath={"reassoc"})
+@parallel_kernel(fastmath={"reassoc"})
 def _backward_bias(gy3, gb):
     n_img, c_out, hw = gy3.shape
     for c in prange(c_out):
@@ -573,7 +574,7 @@ def _pack_block(w5, transposed, g, cb, wpk, bpk, b1):
             dst[kk * lv + c] = src[s0 + kk]
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _tile_forward(x4, w5, b1, transposed, y4, groups, bands, copy_bytes, t, v, lv, kh, kw, sh,
                   sw, pt, pl, dh, dw):
     """y4 (N, C_out, Ho, Wo) = conv of x4 (N, C_in, H, W) with the weight w5 packs to (see
@@ -767,7 +768,7 @@ def _phase_conv(gy: np.ndarray, weight: np.ndarray, out: np.ndarray, row_taps, c
                transposed=True)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _interleave_phases(buf, offsets, strides, gx4, n0, count, sh, sw):
     """gx4[n0 + m, c, r*sH + a, q*sW + b] = phase (a, b)'s plane element [m, c, r, q] for
     m < count: in ``buf`` at offsets[p] + m*strides[p, 0] + c*strides[p, 1] + r*strides[p, 2]
@@ -855,7 +856,7 @@ def _wide_phase_geometry(in_hw, out_hw, kernel, stride, pad, dilation):
     return taps, border, extent
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _pack_wide(gy4, n0, count, gyp, top, left, hp, wp):
     """gyp[c, m*Hp*Wp + (oh + top)*Wp + ow + left] = gy4[n0 + m, c, oh, ow] for m < count,
     zero elsewhere (borders, and the tail past the last plane that shifted views read)."""
@@ -935,7 +936,7 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
 # chunks' partial sums are added in order, so the bits do not depend on the thread count.
 # Measured (2 threads) against im2col + BLAS: LeNet's 5x5 layer 0.44 -> 0.20 ms, 3x3 stride
 # 2 with 128 channels on 56x56 (batch 8) 13.9 -> 9.3 ms (see the README for the rest).
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _pack_grad_out(gy4, groups, lanes, gpk):
     """gpk[g, cb, n*P + q, c] = gy4[n, g*C_out/G + cb*LV + c, q] (P = Ho*Wo, q = oh*Wo + ow),
     zero past the group's channels: gy4 (N, C_out, Ho, Wo), gpk (G, NB, N*P, LV)."""
@@ -968,7 +969,7 @@ def _pack_grad_out(gy4, groups, lanes, gpk):
                     dst[d0 + q * lv + sub + c] = src[s0 + c * p + q] if c < live else 0
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks):
     """part[chunk, g, co, (c*kH + i)*kW + j] = the weight gradient's sum over the chunk's
     output pixels; xs4 (N, C_in, Hs, Ws) holds every window whole from (0, 0) (the input, or
@@ -996,7 +997,7 @@ def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks):
                      zero, 0, out, o0 + j0, k_taps, cout_g - cb * lv, min(t, kw - j0), v)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _pad_planes(x4, xp4, pt, pl):
     """xp4 (N, C, Hp, Wp) = the windows of x4's planes zero-padded by (pt, pl) (_pad_plane)."""
     for item in prange(x4.shape[0] * x4.shape[1]):
@@ -1161,7 +1162,7 @@ def _depthwise_plane(xp, wk, y, bias, kh, kw, sh, sw, dh, dw, wide):
                     row[ow] += wij * flat[base + ow * sw + j * dw]
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _depthwise_forward(x4, w3, b1, y4, kh, kw, sh, sw, pt, pl, dh, dw):
     """x4 (N, C_in, H, W), w3 (C_out, kH, kW), b1 (C_out,) -> y4 (N, C_out, Ho, Wo).
     One work item per input plane: padded once, used by its ``mult`` output channels."""
@@ -1298,7 +1299,7 @@ def _flat_plane(xb, o, wk, bias, zero, out, inside, w, kh, kw, dh, dw):
                 out[q] += wij * src[q] if m[q] else zero
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _depthwise_flat(x4, w3, b1, y4, kh, kw, pt, pl, dh, dw, chunks):
     """Stride 1, Wo == W: x4 (N, C_in, H, W), w3 (C_out, kH, kW), b1 (C_out,) -> y4 (N,
     C_out, Ho, W). Contiguous runs of planes per work item, so each item fills its margin
@@ -1397,7 +1398,7 @@ def _flat_tap_dots_5x5(gy, xb, o, inside, zero, acc, w, dh, dw):
         acc[4, j] += t4
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _depthwise_flat_weight(gy4, x4, gw3, kh, kw, pt, pl, dh, dw):
     """gw3 (C_out, kH, kW) for stride 1, Wo == W (the flat planes of ``_depthwise_flat``):
     per output channel, over the batch in order, accumulated in float64. One work item per
@@ -1419,7 +1420,7 @@ def _depthwise_flat_weight(gy4, x4, gw3, kh, kw, pt, pl, dh, dw):
                 gw3[co, i, j] = acc[i, j]
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _depthwise_backward_input(gy4, w3, gx4, kh, kw, sh, sw, pt, pl, dh, dw):
     """The adjoint of ``_depthwise_forward``: each tap scatters gy into the padded plane
     (which only the item's thread owns), then the interior is cropped into gx4."""
@@ -1471,7 +1472,7 @@ def _tap_dots(src, flat, acc, kh, kw, dh, dw, wp, span):
             acc[i, j] += t
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _depthwise_backward_weight(gy4, x4, gw3, kh, kw, sh, sw, pt, pl, dh, dw):
     """gw3 (C_out, kH, kW): per output channel, over the batch in order, each tap's sum of
     gy times the shifted padded input, accumulated in float64. One work item per output
@@ -1597,7 +1598,7 @@ def _gather_taps(src, o, n_out, n_in, ls, transposed, g):
             g[m * ls + i] = src[at + step * m]
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _winograd_filter_kernel(w4, U, transposed):
     """U[:, o, i] = G g G^T flattened (16,), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],
     [0, 0, 1]], in float64 and rounded once; g = w4[o, i], or with ``transposed`` w4[i, o]
@@ -1636,7 +1637,7 @@ def _g4_row(a, g0, g1, g2):
     return _G4[a, 0] * float(g0) + _G4[a, 1] * float(g1) + _G4[a, 2] * float(g2)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _winograd4_filter_kernel(w4, U, transposed):
     """U[:, o, i] = G g G^T flattened (36,) for F(4x4, 3x3), as ``_winograd_filter_kernel``
     (the same gather into 9 tap rows, the same flip for ``transposed``)."""
@@ -1753,7 +1754,7 @@ def _column_phase(pw, pl, dw):
     return r, (left - r) // dw
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _winograd_forward(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, rows, per):
     """ys5 = b1 + xs5 convolved with the 3x3 filters whose transform is U (16, C_out, C_in),
     at padding (pt, pl) (any sign: a negative pad crops) and dilation (dh, dw), for an
@@ -1826,7 +1827,7 @@ def _winograd_images(xs5, U, b1, ys5, ho, wo, pt, pl, dh, dw, n0, n1, tiles):
 
 # A dilated layer's column phases, each an undilated plane for the transforms (which read and
 # write unit-step columns only): split once per pass, and the output merged back.
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _split_columns(a4, out5):
     """out5 (N, d, C, H, Wp) = the column phases of a4 (N, C, H, W): out5[n, r, c, h, q] =
     a4[n, c, h, r + d*q], zero past the row."""
@@ -1844,7 +1845,7 @@ def _split_columns(a4, out5):
                 fill_at(dst, d0 + r * plen + filled, wp - filled, 0)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _merge_columns(in5, a4):
     """The inverse of ``_split_columns``: a4[n, c, h, r + d*q] = in5[n, r, c, h, q]."""
     n_img, c, h, w = a4.shape
@@ -1896,7 +1897,7 @@ def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n,
                 winograd4_grad_band(gf, r[0], r[1], r[2], r[3], wv, uf, first, stride, tw_n)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per):
     """part (P, (m+2)^2, C_out, C_in): chunk p's sum over its images (a fixed split of the
     batch, so the sum order depends only on P) of the transformed tile products, every
@@ -1968,7 +1969,7 @@ def _winograd_products(V, U, vs, us, tiles, acc):
                    accumulate=True)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _winograd_weight_output(part, gw4):
     """gw4 (C_out, C_in, 3, 3) = G^T M G, M the chunks' sum in chunk order (16 planes:
     F(2x2)'s G; 36: ``WINOGRAD4_G``), in float64."""

@@ -39,7 +39,8 @@ from .._args import Pool2dParams, bad_pool_indices
 from . import _runtime
 from ._microkernel import (prefer_wide_vectors, prefetch_run, stream_fence, stream_run,
                            window_max3_s2)
-from ._runtime import engine_threads, float32_for_half, llc_bytes, parallel_region
+from ._runtime import (engine_threads, float32_for_half, llc_bytes, parallel_kernel,
+                       parallel_region)
 from ._window import (U1, U2, U64, add_at, copy_at, cover_table, covering_rows, fill_at, first_tap,
                       phase_merge, phase_split, tap_table)
 
@@ -181,7 +182,7 @@ def _wins(v, best):
     return (v > best) | (v != v)
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _max_forward(x3, y3, idx3, mode, lowest, blocks, kh, kw, sh, sw, ph, pw, dh, dw):
     """Max over each window; idx3 gets the argmax as ``mode`` says (unused for NO_INDICES)."""
     planes, h, w = x3.shape
@@ -396,7 +397,7 @@ def _column_maxima(hv, hc, a, b, a2, y, code, o, n, kh, kw, coded):
         _max_of_runs(hv, a, b, a2, U1, kh == 3, y, o, U64(n))
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _max_forward_pairs(x3, y3, code3, mode, blocks, kh, kw, sh, sw, ph, pw, dh, edges):
     """Max pooling, separable, for 2- or 3-wide windows at column stride sw = 1 or 2 (no
     column dilation), without indices or with window codes (``mode``): the max of each window's
@@ -481,7 +482,7 @@ def _argmax_at(idx, ow, oh, window, tap_rows, tap_cols, h, w, sh, sw, ph, pw):
     return ih * w + iw
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _max_backward(gy3, idx3, gx3, window, tap_rows, tap_cols, sh, sw, ph, pw, row_ok, col_ok,
                   bad):
     """Per plane, in output order: gx[argmax] += gy[oh, ow] (see ``_argmax_at``), for the
@@ -571,7 +572,7 @@ def _stage_row_made(gx, stage, item, last, held, rows, w, stream):
     return 0
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _max_backward_pairs(gy3, code3, gx3, blocks, kh, kw, sh, ph, pw, dh, stream):
     """gx3 (P, H, W) = the gradient of the window codes code3 (P, Ho, Wo), for 2- or 3-wide
     windows at column stride 2 (no column dilation) whose input rows each lie in at most two
@@ -731,7 +732,7 @@ def _element_gradient(gy, code, p, ih, iw, ho, wo, kh, kw, ph, pw, dh, dw):
     return v
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _max_backward_s1(gy3, code3, gx3, blocks, kh, kw, ph, pw, dh, dw):
     """gx3 (P, H, W) = the gradient of the window codes code3 (P, Ho, Wo) at stride 1 (any
     kernel, padding, dilation; codes checked by _bad_window_codes), per input row: its
@@ -790,7 +791,7 @@ def _max_backward_s1(gy3, code3, gx3, blocks, kh, kw, ph, pw, dh, dw):
             item += 1
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, tap_rows, tap_cols, row_ok,
                       col_ok, bad):
     """bad[p] = 1 where plane p holds a window code naming no input element: not in
@@ -826,7 +827,7 @@ def _bad_window_codes(code3, h, w, kh, kw, sh, sw, ph, pw, dh, dw, tap_rows, tap
         bad[p] = wrong
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel
 def _max_double_backward(ggx3, idx3, ggy3, window, tap_rows, tap_cols, sh, sw, ph, pw, row_ok,
                          col_ok, bad):
     """The adjoint of ``_max_backward``: ggy[oh, ow] = ggx[argmax] for the windows that hold
@@ -866,7 +867,7 @@ def _divide_row(y, y0, n, row_factor, col_factors):
         y[y0 + k] = y[y0 + k] / _divisor(y, row_factor, col_factors[k])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
     planes, h, w = x3.shape
     ho, wo = y3.shape[1], y3.shape[2]
@@ -903,7 +904,7 @@ def _avg_forward(x3, y3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factor
             _divide_row(y, U64(y0), U64(wo), row_factors[oh], col_factors)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _avg_backward(gy3, gx3, blocks, kh, kw, sh, sw, ph, pw, row_factors, col_factors):
     """Per input row, gathered in output order: every input element of window (oh, ow) gets
     gy[oh, ow] / divisor added, the windows taken row by row and, within a row, left to right
@@ -995,7 +996,7 @@ def _quad_edges(x, r0, w, y, y0, wo, top, bottom, pw, c0, c1, row_factor, col_fa
         y[y0 + k] = s / _divisor(y, row_factor, col_factors[k])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
     """avg_pool2d with kernel_size=2, stride=2; x3 (P, H, W) -> y3 (P, Ho, Wo)."""
     planes, h, w = x3.shape
@@ -1031,7 +1032,7 @@ def _avg_forward_2x2(x3, y3, blocks, ph, pw, row_factors, col_factors):
                 y[dst + t] = s / _divisor(y, row_factor, col_factors[U64(c0) + t])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def _avg_backward_2x2(gy3, gx3, blocks, ph, pw, row_factors, col_factors, stream):
     """The gradient of _avg_forward_2x2: gy3 (P, Ho, Wo) -> gx3 (P, H, W), written once:
     straight into gx3, or if ``stream`` into an L1 stage of about _STAGE elements that leaves
