@@ -535,6 +535,37 @@ def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", [
+    ((1, 16, 7, 7), (37, 16, 1, 1), {}),             # two row blocks
+    ((1, 8, 4, 3), (6, 4, 1, 1), dict(groups=2)),    # groups
+    ((1, 4, 1, 1), (3, 4, 1, 1), {}),                # a 1x1 plane
+], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pointwise_weight_gradient_of_one_image(dtype, shapes, monkeypatch):
+    """A batch of one on small 1x1 planes: the weight gradient's GEMM path is one GEMM per
+    block of output channels (_pointwise_weight_rows, as for packed batches), not a sum over
+    images to transpose; it matches PyTorch, forward and input gradient too."""
+    from fastconv.cpu import _autotune
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    def run(key, candidates, flops):  # the GEMM path wherever there is a choice
+        name = "gemm" if "gemm" in candidates else next(iter(candidates))
+        candidates[name]()
+        return name
+
+    calls = []
+    real = cpu_conv2d._pointwise_weight_rows
+    monkeypatch.setattr(cpu_conv2d, "_pointwise_weight_rows",
+                        lambda *a: calls.append(a[3:5]) or real(*a))
+    monkeypatch.setattr(_autotune, "run", run)
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    assert calls and all(c == (0, 1) for c in calls)  # (first image, images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", [
     ((1, 256, 3, 3), (256, 256, 1, 1), None),   # ResNet-sized weights: BLAS as the cut-off is
     ((8, 16, 7, 7), (40, 16, 1, 1), 1),          # several images a GEMM
     ((2, 32, 20, 18), (48, 16, 1, 1), 1),        # a GEMM per image and group
