@@ -216,13 +216,15 @@ def test_kernels_that_call_gemm_are_cached_on_disk(tmp_path):
     """Every kernel that calls gemm lands in Numba's on-disk cache: a kernel that reached BLAS
     through a ctypes pointer could not be cached, and every new process would compile it
     again. Runs every algorithm of every pass (autotuning with no work floor) on layers that
-    take each GEMM path, in a process with an empty cache folder."""
+    take each GEMM path (the strided 16-channel one: phase-gemm), in a process with an empty
+    cache folder."""
     script = textwrap.dedent("""
         import torch, fastconv
         from fastconv.cpu import _autotune
         _autotune.MIN_FLOPS = 0
         for xs, ws, opts in [((2, 16, 14, 14), (16, 16, 3, 3), dict(padding=1)),
                              ((2, 3, 12, 12), (4, 3, 5, 5), dict(stride=2, padding=1)),
+                             ((2, 16, 12, 12), (16, 16, 3, 3), dict(stride=2, padding=1)),
                              ((3, 8, 7, 7), (40, 8, 1, 1), {}),
                              ((2, 8, 20, 20), (24, 8, 1, 1), {})]:
             x = torch.randn(xs, requires_grad=True)
