@@ -135,12 +135,6 @@ def test_gemm_runs_blas_single_threaded_inside_parallel_kernels(items):
     assert threads == (1 if items < engine_threads() else engine_threads())
 
 
-def _threads_seen_py(seen):
-    for i in prange(seen.shape[0]):
-        seen[i, 0] = _blas._region_threads()
-        seen[i, 1] = _blas._published_threads()
-
-
 def test_a_one_thread_region_runs_the_serial_build():
     """A parallel_kernel runs its serial build inside a parallel_region of one thread, where
     gemm's BLAS team is a top-level one and not nested in a Numba region (which stalled: see
@@ -148,7 +142,7 @@ def test_a_one_thread_region_runs_the_serial_build():
     Python thread and undone on leaving the region, by an exception too."""
     import threading
 
-    kernel = parallel_kernel(_threads_seen_py)  # fresh dispatchers: no signatures yet
+    kernel = parallel_kernel(_threads_seen.py_func)  # fresh dispatchers: no signatures yet
     seen = np.zeros((64, 2), np.int64)
     with parallel_region(1):
         assert _runtime._region.serial

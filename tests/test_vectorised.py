@@ -194,11 +194,11 @@ STRIDED = {
                                        _f32(16 * 1936), 1936, 225, -1, -1, 1, 0, 15, 15, 0, 2),
     "conv2d._winograd_grad_tiles": lambda: (conv2d._winograd_grad_tiles,
                                             _f32(7200).reshape(8, 30, 30), _f32(16 * 1936), 1936,
-                                            225, 0, 1, 30, 30, 0, 15, 15, 0, 2),
+                                            225, 0, 1, 30, 0, 15, 15, 0, 2),
     # ... and F(3x3, 4x4)'s: 8x8 tiles of 4x4 on the same planes, 36 transformed planes
     "conv2d._winograd_grad_tiles (4x4)": lambda: (conv2d._winograd_grad_tiles,
                                                   _f32(7200).reshape(8, 30, 30), _f32(36 * 576),
-                                                  576, 64, 0, 1, 30, 30, 0, 8, 8, 0, 4),
+                                                  576, 64, 0, 1, 30, 0, 8, 8, 0, 4),
     "conv2d._winograd_output": lambda: (conv2d._winograd_output, _f32(16 * 1936), 1936, 225,
                                         np.zeros((8, 30, 30), np.float32), _f32(8), 0, 1, 30,
                                         0, 15, 15, 0, 2),

@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import threading
+import types
 
 import numba
 import numpy as np
@@ -162,8 +163,6 @@ class parallel_kernel:  # noqa: N801 - a decorator
     @property
     def serial(self):
         if self._serial is None:
-            import types
-
             fn = self._fn
             # A copy under its own qualified name: Numba's disk cache is keyed by it, and the
             # two builds of one function would overwrite each other's index.

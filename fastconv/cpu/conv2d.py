@@ -1879,7 +1879,7 @@ def _column_phases(a: np.ndarray, d: int) -> np.ndarray:
 # ``WINOGRAD4_G``, 36 GEMMs over a quarter as many tiles (0.56x the GEMM flops, and 0.56x the
 # transformed input per output).
 @njit(cache=True, nogil=True)
-def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n, t_off=0, m=2):
+def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, wv, th0, th1, tw_n, t_off=0, m=2):
     """Plane k of uf (as in ``_winograd_input``) = element k of A H A^T for the m x m
     grad_out tile H of row phase ph (see ``_winograd_output``), zero past the phase's last row
     or column. See ``winograd_grad_band``, ``winograd4_grad_band``."""
@@ -1887,14 +1887,17 @@ def _winograd_grad_tiles(gy3, uf, stride, tiles, ph, dh, hu, wv, th0, th1, tw_n,
     gf = gy3.reshape(-1)
     for co in range(c_out):
         for th in range(th0, th1):
+            # A last tile's rows past the plane: _row_at gives -1, read as zeros.
             oh = ph + dh * m * th
             first = co * tiles + t_off + (th - th0) * tw_n
             if m == 2:
-                r1 = (co * ho + oh + dh) * wo if 2 * th + 1 < hu else -1
-                winograd_grad_band(gf, (co * ho + oh) * wo, r1, wv, uf, first, stride, tw_n)
+                winograd_grad_band(gf, _row_at(co, oh, ho, wo), _row_at(co, oh + dh, ho, wo),
+                                   wv, uf, first, stride, tw_n)
             else:
-                r = [(co * ho + oh + dh * u) * wo if m * th + u < hu else -1 for u in range(4)]
-                winograd4_grad_band(gf, r[0], r[1], r[2], r[3], wv, uf, first, stride, tw_n)
+                winograd4_grad_band(gf, _row_at(co, oh, ho, wo), _row_at(co, oh + dh, ho, wo),
+                                    _row_at(co, oh + 2 * dh, ho, wo),
+                                    _row_at(co, oh + 3 * dh, ho, wo), wv, uf, first, stride,
+                                    tw_n)
 
 
 @parallel_kernel
@@ -1932,7 +1935,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                         r, left = _column_phase(pw, pl, dw)
                         _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, 0, th_n,
                                         tw_n, t_off, m)
-                        _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, 0, th_n,
+                        _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, wv, 0, th_n,
                                              tw_n, t_off, m)
                         t_off += th_n * tw_n
                 _winograd_products(V, U, vs, us, tiles, acc)
@@ -1952,7 +1955,7 @@ def _winograd_backward_weight(gys5, xs5, part, ho, wo, pt, pl, dh, dw, rows, per
                     us = _plane_stride(c_out * tiles, xs5.itemsize)
                     _winograd_input(xs5[n, r], V, vs, tiles, ph - pt, left, dh, th0, th1, tw_n,
                                     0, m)
-                    _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, hu, wv, th0, th1,
+                    _winograd_grad_tiles(gys5[n, pw], U, us, tiles, ph, dh, wv, th0, th1,
                                          tw_n, 0, m)
                     _winograd_products(V, U, vs, us, tiles, acc)
 
