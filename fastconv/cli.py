@@ -238,10 +238,12 @@ def info(args) -> int:
     table.add_row("CPU output cache", f"outputs of {_runtime._CACHE_FROM >> 20} MiB and up reuse "
                   f"freed ones; {cache['limit'] / 2**20:.0f} MiB may stay idle "
                   f"(FASTCONV_CACHE_MB), {cache['idle'] / 2**20:.0f} MiB idle now")
-    table.add_row("CPU kernel temporaries",
-                  "from glibc's heap up to 32 MiB (its mmap threshold raised at import)"
-                  if _runtime.MALLOC_PRIMED else "malloc as it was (FASTCONV_MALLOC_PRIME=0, "
-                  "or not glibc)")
+    table.add_row("CPU heap (glibc malloc)",
+                  f"blocks under {_runtime._MMAP_THRESHOLD >> 20} MiB from the heap, up to "
+                  f"{_runtime.MALLOC_KEEP / 2**20:.0f} MiB of it kept mapped when free "
+                  f"(FASTCONV_MALLOC_KEEP_MB)"
+                  if _runtime.MALLOC_KEEP else "malloc's settings as they were "
+                  "(FASTCONV_MALLOC_KEEP_MB=0, or not glibc)")
     usable, why = cupy_status()
     table.add_row("CuPy", why)
     if torch.cuda.is_available():

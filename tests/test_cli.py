@@ -35,7 +35,7 @@ def test_info_reports_engines(capsys):
     out = capsys.readouterr().out
     for text in ["torch", "numba", "threading layer", "BLAS", "CPU engine", "CuPy", "GPU",
                  "CUDA engine", "CUDA sources", "Numba cache", "CPU output cache",
-                 "CPU kernel temporaries"]:
+                 "CPU heap (glibc malloc)"]:
         assert text in out, text
     assert "first calls" not in out  # only with --first-call
     import fastconv.cuda

@@ -112,37 +112,79 @@ def test_training_steps_on_recycled_memory_match_torch(small_cache, dtype):
     assert cache_info()["hits"] > 0
 
 
-_FAULTS_SCRIPT = """
+_HEAP_SCRIPT = """
 import resource, numpy as np
 import fastconv
 from fastconv.cpu import _runtime
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 np.ones(1 << 21)  # numpy's own first use
 before = faults()
 for _ in range(20):  # an 8 MiB temporary, as a kernel makes one per call
     np.ones(1 << 21)
-print(_runtime.MALLOC_PRIMED, faults() - before)
+temporaries = faults() - before
+# A backward pass's worth of blocks under 32 MiB alive at once (~100 MB, more than glibc's
+# largest trim threshold of 64 MiB), all freed at its end, four times.
+stack = [np.ones(3_200_000) for _ in range(4)]  # the first step grows the heap
+stack = None
+before = faults()
+for _ in range(4):
+    stack = [np.ones(3_200_000) for _ in range(4)]
+    stack = None
+steps = faults() - before
+held = resident()
+fastconv.cpu.empty_cache()
+print(_runtime.MALLOC_KEEP >> 20, temporaries, steps, (held - resident()) >> 20)
 """
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
-@pytest.mark.parametrize("prime", ["1", "0"])
-def test_engine_temporaries_reuse_the_heap(prime):
-    """Importing the engine raises glibc's mmap threshold (by freeing a ~32 MiB block), so an
-    8 MiB temporary comes from the heap, its pages already there, not from a fresh mapping
-    whose every page faults; FASTCONV_MALLOC_PRIME=0 leaves malloc as it was (a fresh
-    process's threshold is 128 KiB: a fresh mapping, faulting, on every call)."""
+def _heap(keep_mb: str) -> list[int]:
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, FASTCONV_MALLOC_PRIME=prime)
-    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, check=True,
+    env = dict(os.environ, FASTCONV_MALLOC_KEEP_MB=keep_mb)
+    out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    primed, faults = out[0] == "True", int(out[1])
-    assert primed == (prime == "1")
-    if primed:
-        assert faults < 10, f"{faults} page faults over 20 temporaries from a primed heap"
-    else:
-        assert faults >= 20, f"only {faults} page faults over 20 fresh mappings"
+    return [int(v) for v in out]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_heap_keeps_its_pages_across_calls():
+    """Importing the engine sets glibc's thresholds (fastconv/cpu/_runtime.py, "glibc's heap"):
+    an 8 MiB temporary comes from the heap, its pages already there, and a step's ~100 MB of
+    blocks freed at its end stay mapped for the next step; ``empty_cache`` returns them."""
+    keep, temporaries, steps, returned = _heap("512")
+    assert keep == 512
+    assert temporaries < 10, f"{temporaries} page faults over 20 temporaries from the heap"
+    assert steps < 50, f"{steps} page faults over 4 steps of 100 MB on a kept heap"
+    assert returned >= 64, f"empty_cache returned {returned} MiB of a 100 MB free heap top"
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.parametrize("keep_mb", ["64", "0"])
+def test_heap_settings_follow_the_environment(keep_mb):
+    """FASTCONV_MALLOC_KEEP_MB=64 keeps only that much: most of each step's 100 MB is trimmed
+    and faults in again. 0 leaves malloc alone: a fresh process maps every block over 128 KiB
+    afresh, so each temporary faults too. (Faults are counted per folio: Linux may map 64 KiB
+    or 2 MiB of anonymous memory at one fault, so the bounds are far below one per 4 KiB.)"""
+    keep, temporaries, steps, _ = _heap(keep_mb)
+    assert keep == int(keep_mb)
+    assert steps >= 100, f"only {steps} page faults over 4 steps of 100 MB"
+    if keep == 0:
+        assert temporaries >= 20, f"only {temporaries} page faults over 20 fresh mappings"
+
+
+def test_heap_setting_must_be_a_size():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTCONV_MALLOC_KEEP_MB="lots")
+    run = subprocess.run([sys.executable, "-c", "import fastconv.cpu"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "FASTCONV_MALLOC_KEEP_MB must be a number of MiB >= 0" in run.stderr, run.stderr

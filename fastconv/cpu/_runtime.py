@@ -237,46 +237,83 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
         return False
 
 
-# ------------------------------------------------------------------------ kernel temporaries
+# ------------------------------------------------------------------------ glibc's heap
 # The kernels' own temporaries (Winograd's transform planes, im2col chunks, phase planes: from
-# a few hundred KiB to a few MiB, per work item) come from malloc. glibc maps every block
-# above its mmap threshold afresh and unmaps it on free, so each of its pages faults on the
-# first write, every call. The threshold starts at 128 KiB and rises to a freed mapping's size
-# (at most 32 MiB) the first time one is freed (mallopt(3), "dynamic mmap threshold"), which
-# in a PyTorch program happens as soon as some tensor of that size dies. Until then, the
-# kernels ran several times slower, and the autotuner measured them so: on the Xeon, a fresh
-# process's dilated 3x3 layer (64 channels, 56x56, batch 8) forward by Winograd F(4x4) took
-# 12.5-17.6 ms with ~1300 page faults a call, 4.2-4.5 ms once a 32 MiB block had been freed,
-# and the autotuner picked tiles (5.8 ms) over it. So importing the engine frees one such
-# block, the state any PyTorch program reaches early, and never sets the threshold itself
-# (which would turn glibc's adjustment off). FASTCONV_MALLOC_PRIME=0 leaves malloc alone.
-_PRIME_BYTES = (32 << 20) - (1 << 16)  # its mapping must stay within glibc's 32 MiB maximum
+# a few hundred KiB to a few MiB per work item) come from malloc, as do PyTorch's CPU tensors.
+# Left alone, glibc pays for such blocks in page faults, call after call, two ways:
+# * a block over its mmap threshold is a fresh mapping, unmapped on free. The threshold starts
+#   at 128 KiB and rises to a freed mapping's size (at most 32 MiB) the first time one is
+#   freed, so until some large tensor dies every temporary faults on each page: a fresh
+#   process's dilated 3x3 layer (64 channels, 56x56, batch 8) ran Winograd F(4x4) in
+#   12.5-17.6 ms (~1300 faults a call) instead of 4.2-4.5 (Xeon), and the autotuner ranked it so;
+# * the heap's free top is returned to the system (trimmed) once it exceeds twice that
+#   threshold, at most 64 MiB. A training step whose temporaries stack higher than that (one
+#   1x1 256->64 layer's backward at batch 8 takes ~90 MB) gives its pages back at the end of
+#   every call and faults them in again on the next: PyTorch's own forward+backward of that
+#   layer took 33-51 ms with ~22,000 faults a call, 19-21 ms with none (EPYC; how many of its
+#   blocks landed on the trimmed top, and so its speed, also depended on what else the process
+#   had allocated: 36 ms in a bare process, 46-51 after fastconv's kernels were loaded).
+# So importing the engine fixes both thresholds: blocks under 32 MiB (glibc's own largest
+# threshold) come from the heap, and up to FASTCONV_MALLOC_KEEP_MB (default 512) of free heap
+# top stays mapped. Process-wide, PyTorch's tensors included, as jemalloc's or tcmalloc's
+# retention would be; the cost is resident memory that a peak leaves behind, which
+# ``fastconv.cpu.empty_cache()`` returns (malloc_trim). FASTCONV_MALLOC_KEEP_MB=0 leaves
+# malloc's settings alone.
+_MMAP_THRESHOLD = 32 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 
-def _prime_malloc() -> bool:
-    """Raise glibc's dynamic mmap threshold to ~32 MiB by freeing a mapping that large (see
-    above); False where this is not glibc or it is turned off."""
+def _malloc_keep_limit() -> int:
+    raw = os.environ.get("FASTCONV_MALLOC_KEEP_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:  # also refuses nan
+        raise ValueError(f"FASTCONV_MALLOC_KEEP_MB must be a number of MiB >= 0 (0 leaves "
+                         f"glibc's malloc settings alone), got {raw!r}")
+    return int(mb * (1 << 20))
+
+
+@functools.cache
+def _glibc():
+    """The C library through ctypes where it is glibc, else None."""
+    import ctypes
     import platform
 
-    if os.environ.get("FASTCONV_MALLOC_PRIME", "1") == "0" or platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
-
+    if platform.libc_ver()[0] != "glibc":
+        return None
     try:
         libc = ctypes.CDLL(None)
-        malloc, free = libc.malloc, libc.free
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
-        return False
-    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    free.restype, free.argtypes = None, [ctypes.c_void_p]
-    block = malloc(_PRIME_BYTES)
-    if not block:
-        return False
-    free(block)
-    return True
+        return None
+    return libc
 
 
-MALLOC_PRIMED = _prime_malloc()
+def _tune_malloc() -> int:
+    """Set glibc's mmap and trim thresholds (see above); the bytes of free heap top it may
+    keep, or 0 where malloc was left alone (turned off, or not glibc)."""
+    keep = _malloc_keep_limit()
+    libc = _glibc()
+    if keep == 0 or libc is None:
+        return 0
+    keep = min(keep, (1 << 31) - 1)  # mallopt takes an int
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+            and libc.mallopt(_M_TRIM_THRESHOLD, keep)):
+        return 0
+    return keep
+
+
+MALLOC_KEEP = _tune_malloc()
+
+
+def trim_heap() -> None:
+    """Return the free heap memory glibc kept mapped (``malloc_trim(0)``), where fastconv
+    tuned it."""
+    if MALLOC_KEEP:
+        _glibc().malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------- output memory
@@ -418,8 +455,11 @@ class _Lease:
 
 
 def empty_cache() -> None:
-    """Unmap the idle output memory the CPU engine holds for reuse (see ``cache_info``)."""
+    """Unmap the idle output memory the CPU engine holds for reuse (see ``cache_info``), and
+    return the free heap memory glibc keeps mapped under fastconv's settings (see "glibc's
+    heap" above)."""
     _cache.clear()
+    trim_heap()
 
 
 def cache_info() -> dict:
