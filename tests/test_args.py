@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastconv._args import ArgumentError, conv2d_params, out_size, pair
+from fastconv._args import ArgumentError, conv2d_op_params, conv2d_params, out_size, pair
 
 
 def test_pair():
@@ -16,6 +16,28 @@ def test_pair():
     for bad in [1.0, True, (1, 2, 3), "2", (1, None)]:
         with pytest.raises(ArgumentError, match="op: stride must be an int or a pair"):
             pair(bad, "stride", "op")
+
+
+def test_op_params_remember_only_what_they_accepted():
+    """conv2d_op_params keeps the options it accepted (each pass of each call normalises
+    them): the same options give the same answer, and values equal to accepted ones but of
+    another type (True == 1) or wrong are still refused, on every call."""
+    first = conv2d_op_params([2, 1], [1, 1, 0, 0], [1, 1], 1)
+    assert conv2d_op_params([2, 1], [1, 1, 0, 0], [1, 1], 1) is first
+    assert (first.stride, first.padding, first.dilation, first.groups) == \
+        ((2, 1), (1, 1, 0, 0), (1, 1), 1)
+    for _ in range(2):
+        for args, words in [(([2, True], [1, 1, 0, 0], [1, 1], 1), "stride must be an int"),
+                            (([2, 1], [1, 1, 0, -1], [1, 1], 1), "padding must be 4 ints"),
+                            (([2, 1], [1, 1, 0], [1, 1], 1), "padding must be 4 ints"),
+                            (([2, 1], [1, 1, 0, 0], [0, 1], 1), "dilation must be >= 1"),
+                            (([2, 1], [1, 1, 0, 0], [1, 1], True), "groups must be a positive"),
+                            (([2, 1], [1, 1, 0, 0], [1, 1], 0), "groups must be a positive")]:
+            with pytest.raises(ArgumentError, match=words):
+                conv2d_op_params(*args, op="conv2d_backward_input")
+    # The op's name is part of what is remembered: its errors name it.
+    with pytest.raises(ArgumentError, match="^conv2d_backward_weight: stride"):
+        conv2d_op_params([2, 0], [1, 1, 0, 0], [1, 1], 1, op="conv2d_backward_weight")
 
 
 @pytest.mark.parametrize("size, k, s, p, d", [
