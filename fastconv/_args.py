@@ -135,7 +135,7 @@ def conv2d_params(kernel_hw: Pair, stride=1, padding=0, dilation=1, groups=1,
 
 
 # Options conv2d_op_params has accepted: every pass of every conv call normalises them (a
-# forward+backward four times), ~4 us each on the development machine against ~1 for this
+# forward+backward three times), ~4 us each on the development machine against ~1 for this
 # lookup. Keyed by exact ints only: True == 1 as a key, and a bool must still be refused.
 _OP_PARAMS: dict[tuple, Conv2dParams] = {}
 _OP_PARAMS_MAX = 4096
