@@ -1,7 +1,12 @@
-"""The CPU engine's output cache (fastconv/cpu/_runtime.py): large outputs recycle the memory
-of dead ones, never of live ones, and the ops stay exact on recycled memory."""
+"""The CPU engine's memory (fastconv/cpu/_runtime.py): large outputs recycle the memory of dead
+ones, never of live ones, and the ops stay exact on recycled memory; glibc's heap keeps its
+pages across calls under the settings importing the engine makes."""
 
 import gc
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,18 +146,23 @@ print(_runtime.MALLOC_KEEP >> 20, temporaries, steps, (held - resident()) >> 20)
 """
 
 
-def _heap(keep_mb: str) -> list[int]:
-    import os
-    import subprocess
-    import sys
-
+def _python(code: str, keep_mb: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter with FASTCONV_MALLOC_KEEP_MB=keep_mb: the settings
+    are made once, at import."""
     env = dict(os.environ, FASTCONV_MALLOC_KEEP_MB=keep_mb)
-    out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
-    return [int(v) for v in out]
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+def _heap(keep_mb: str) -> list[int]:
+    run = _python(_HEAP_SCRIPT, keep_mb)
+    assert run.returncode == 0, run.stderr
+    return [int(v) for v in run.stdout.split()]
+
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+
+
+@glibc_only
 def test_heap_keeps_its_pages_across_calls():
     """Importing the engine sets glibc's thresholds (fastconv/cpu/_runtime.py, "glibc's heap"):
     an 8 MiB temporary comes from the heap, its pages already there, and a step's ~100 MB of
@@ -164,7 +174,7 @@ def test_heap_keeps_its_pages_across_calls():
     assert returned >= 64, f"empty_cache returned {returned} MiB of a 100 MB free heap top"
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+@glibc_only
 @pytest.mark.parametrize("keep_mb", ["64", "0"])
 def test_heap_settings_follow_the_environment(keep_mb):
     """FASTCONV_MALLOC_KEEP_MB=64 keeps only that much: most of each step's 100 MB is trimmed
@@ -179,12 +189,6 @@ def test_heap_settings_follow_the_environment(keep_mb):
 
 
 def test_heap_setting_must_be_a_size():
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, FASTCONV_MALLOC_KEEP_MB="lots")
-    run = subprocess.run([sys.executable, "-c", "import fastconv.cpu"], env=env,
-                         capture_output=True, text=True)
+    run = _python("import fastconv.cpu", "lots")
     assert run.returncode != 0
     assert "FASTCONV_MALLOC_KEEP_MB must be a number of MiB >= 0" in run.stderr, run.stderr
