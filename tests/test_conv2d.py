@@ -789,6 +789,56 @@ def test_bad_input_is_refused_clearly(x, weight, bias, opts, exc, words):
         assert word in str(info.value), f"{word!r} not in {info.value}"
 
 
+_G, _X, _W = _x(2, 4, 5, 5), _x(2, 3, 7, 7), _x(4, 3, 3, 3)  # a conv's grad_output, input, weight
+BAD_BACKWARD = [
+    # (grad_output, input, weight, input_size, kernel_size, output_mask, words)
+    (_G, _X, _W, [7, 7], [3, 3], [True, True], ["output_mask", "3 bools"]),
+    (_G, _X, None, [7, 7], [3, 3], [True, True, False], ["grad_input", "weight", "None"]),
+    (_G, None, _W, [7, 7], [3, 3], [True, True, False], ["grad_weight", "input", "None"]),
+    (_G, _X, _W, [7, 7], [3, 2], [True, True, True], ["weight", "(3, 2)", "(4, 3, 3, 3)"]),
+    (_G, _X, _W, [7, 6], [3, 3], [True, True, True], ["input", "input_size", "(7, 6)"]),
+    (_G, _x(3, 3, 7, 7), _W, [7, 7], [3, 3], [True, True, True],
+     ["grad_output", "(2, 4, 5, 5)", "(3, 4, 5, 5)"]),
+    (_x(2, 5, 5, 5), None, _W, [7, 7], [3, 3], [True, False, False], ["grad_output", "fit"]),
+    (_x(2, 4, 6, 5), _X, None, [7, 7], [3, 3], [False, True, False], ["grad_output", "fit"]),
+    (_G, _x(2, 3, 7, 7, dtype=torch.float64), _W, [7, 7], [3, 3], [True, True, True],
+     ["input", "float64", "grad_output"]),
+    (_G, _X, _x(4, 2, 3, 3), [7, 7], [3, 3], [True, True, True], ["3 channels", "expects 2"]),
+    (_x(2, 4, 5), None, None, [7, 7], [3, 3], [False, False, True], ["grad_output", "4-dim"]),
+]
+
+
+@pytest.mark.parametrize("grad, x, weight, input_size, kernel_size, mask, words", BAD_BACKWARD)
+def test_bad_backward_arguments_are_refused_clearly(grad, x, weight, input_size, kernel_size,
+                                                    mask, words):
+    """``fastconv::conv2d_backward`` (conv2d's gradients in one call) is callable directly:
+    operands that do not belong to one convolution are refused by name."""
+    with pytest.raises(RuntimeError) as info:  # ValueError or TypeError, as fastconv.conv2d's
+        torch.ops.fastconv.conv2d_backward(grad, x, weight, input_size, kernel_size, mask,
+                                           [1, 1], [0, 0, 0, 0], [1, 1], 1)
+    assert str(info.value).startswith("conv2d_backward: ")
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
+                                  (False, False, True), (True, True, True)])
+def test_backward_computes_what_output_mask_asks(mask):
+    gen = torch.Generator().manual_seed(5)
+    grad, x, weight = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                       for s in ((2, 4, 4, 4), (2, 6, 7, 9), (4, 3, 3, 2)))
+    opts = ([2, 2], [1, 1, 0, 0], [1, 2], 2)
+    got = torch.ops.fastconv.conv2d_backward(grad, x if mask[1] else None,
+                                             weight if mask[0] else None, [7, 9], [3, 2],
+                                             list(mask), *opts)
+    want = torch.ops.aten.convolution_backward(grad, x, weight, [4], [2, 2], [1, 0], [1, 2],
+                                               False, [0, 0], 2, list(mask))
+    for asked, ours, theirs in zip(mask, got, want):
+        assert (ours is not None) == asked
+        if asked:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_unbatched_input_is_accepted():
     x = torch.randn(2, 3, 5)
     weight = torch.randn(4, 2, 3, 3)

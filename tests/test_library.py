@@ -45,6 +45,10 @@ def _samples(device, dtype, layout):
         (ops.conv2d_backward_input, (g, w, [9, 8], *conv)),
         (ops.conv2d_backward_weight, (g, x, [3, 3], *conv)),
         (ops.conv2d_backward_bias, (g,)),
+        (ops.conv2d_backward, (g, x, w, [9, 8], [3, 3], [True, True, True], *conv)),
+        (ops.conv2d_backward, (g, None, w, [9, 8], [3, 3], [True, False, True], *conv)),
+        (ops.conv2d_backward, (g, x, None, [9, 8], [3, 3], [False, True, False], *conv)),
+        (ops.conv2d_backward, (g, None, None, [9, 8], [3, 3], [False, False, True], *conv)),
         (ops.max_pool2d, (px, *pool, "flat")),
         (ops.max_pool2d, (px, *pool, "window")),
         (ops.max_pool2d, (px.detach(), *pool, "none")),
@@ -72,7 +76,7 @@ def test_every_operator_is_checked():
     checked = {op._qualified_op_name for op, _ in _samples("cpu", torch.float64, None)}
     # ``name`` is the namespace object's own attribute, not an operator.
     registered = {f"fastconv::{n}" for n in dir(ops) if not n.startswith("_") and n != "name"}
-    assert len(registered) == 9 and checked == registered
+    assert len(registered) == 10 and checked == registered
 
 
 # ---- torch.compile ----------------------------------------------------------------------
