@@ -201,15 +201,19 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 
     def __enter__(self) -> int:
         self.torch_threads = torch.get_num_threads()
-        threads = engine_threads()
+        threads = max(1, min(self.torch_threads, numba.config.NUMBA_NUM_THREADS))  # engine_threads
         numba_threads = threads if self.items >= threads else 1
         blas_threads = 1 if numba_threads > 1 else threads
         self.lock = _launch_lock if _layer in (None, "workqueue") else None
         if self.lock is not None:
             self.lock.acquire()
+        # Numba's count is per Python thread and only this region sets it: None when it was
+        # already right, so the exit need not ask again (~0.7 us a call).
         self.saved_numba = numba.get_num_threads()
         if self.saved_numba != numba_threads:
             numba.set_num_threads(numba_threads)
+        else:
+            self.saved_numba = None
         _blas.set_threads(threads)
         self.was_serial = _region.serial
         _region.serial = numba_threads == 1
@@ -226,7 +230,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
             _region.serial = self.was_serial
             for lib, n in self.saved_blas:
                 lib.set_num_threads(n)
-            if numba.get_num_threads() != self.saved_numba:
+            if self.saved_numba is not None:
                 numba.set_num_threads(self.saved_numba)
             threading_layer()
             if torch.get_num_threads() != self.torch_threads:
