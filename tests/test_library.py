@@ -117,13 +117,20 @@ def test_compile_fullgraph_matches_eager(device, backend):
 
 
 def test_compile_dynamic_shapes():
-    """One compiled graph for several sizes: the fake implementations take symbolic sizes."""
+    """One compiled graph for several sizes: the fake implementations (the backward ops'
+    included) take symbolic sizes; outputs and every gradient as eager's."""
     torch._dynamo.reset()
     model = _Net()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
     for size in (17, 21, 26):
-        x = torch.randn(2, 3, size, size + 1)
+        x = torch.randn(2, 3, size, size + 1, requires_grad=True)
+        grads = []
+        for run in (compiled, model):
+            out = run(x)
+            grads.append(torch.autograd.grad(out.square().sum(), (x, *model.parameters())))
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        for ours, eager in zip(*grads):
+            torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_reports_bad_input_at_trace_time():
