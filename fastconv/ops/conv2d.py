@@ -25,7 +25,7 @@ from .._args import (ArgumentError, _check_tensors, check_conv2d, check_conv2d_b
                      check_dtype, check_layout, check_same, conv2d_op_params, conv2d_output_shape,
                      conv2d_params)
 from .._profiling import op_range
-from ._engine import engine_for
+from . import _library
 from ._library import Checked, autocast, define, define_op, fake_output, in_format, output_format
 
 _OPTIONS = "int[2] stride, int[4] padding, int[2] dilation, int groups"
@@ -249,7 +249,7 @@ def _backward_check(grad_output, input, weight, input_size, kernel_size, output_
 def _backward(grad_output, input, weight, input_size, kernel_size, output_mask, *options):
     shapes, formats, params = _backward_check(grad_output, input, weight, input_size,
                                               kernel_size, output_mask, *options)
-    conv = engine_for(grad_output, "conv2d_backward").conv2d
+    conv = _library.engine_for(grad_output, "conv2d_backward").conv2d  # as define_op's ops
     grad_input = grad_weight = grad_bias = None
     if shapes[0] is not None:
         with op_range("fastconv.conv2d.backward_input", grad_output):
