@@ -434,16 +434,20 @@ WEIGHT_GRAD = [  # (input, weight, options): weight gradients as tiles over the 
 ]
 
 
+@pytest.mark.parametrize("rows", [1, None], ids=["row-tiles", "multi-row-tiles"])
 @pytest.mark.parametrize("chunk_bytes", [None, 2048], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", WEIGHT_GRAD, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_weight_gradient_by_tiles(dtype, shapes, chunk_bytes, monkeypatch):
+def test_weight_gradient_by_tiles(dtype, shapes, chunk_bytes, rows, monkeypatch):
     """Forward and both gradients; the weight gradient must take the tiles (with a small
-    chunk budget, as partial sums over several chunks of pixels)."""
+    chunk budget, as partial sums over several chunks of pixels), of one kernel row or of
+    several (the default; 5x5 and 7x7 end on a group of one row)."""
     from fastconv.cpu import conv2d as cpu_conv2d
 
     if chunk_bytes is not None:
         monkeypatch.setattr(cpu_conv2d, "_WEIGHT_CHUNK_BYTES", chunk_bytes)
+    if rows is not None:
+        monkeypatch.setattr(cpu_conv2d, "WEIGHT_TILE_ROWS", rows)
     _matches_torch_by("_weight_grad_tiles", dtype, shapes, 7, monkeypatch)
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import (copy_run, lanes, max_tile, prefer_wide_vectors,
-                                       prefetch_run, stream_fence, stream_run, tile_fma,
-                                       transpose_block, window_max3_s2, winograd4_input_band,
-                                       winograd4_grad_band, winograd4_output_band,
-                                       winograd_grad_band,
+from fastconv.cpu._microkernel import (ROW_TILES, copy_run, lanes, max_tile,
+                                       prefer_wide_vectors, prefetch_run, stream_fence,
+                                       stream_run, tile_fma, tile_fma_rows, transpose_block,
+                                       window_max3_s2, winograd4_grad_band, winograd4_input_band,
+                                       winograd4_output_band, winograd_grad_band,
                                        winograd_input_band, winograd_output_band)
 from helpers import AVX512_FEATURES, run_for_target
 
@@ -65,6 +65,52 @@ def test_every_tile_shape_sums_its_taps(dtype, v):
                 assert abs(out[q] - value) <= (nk + 1) * eps * size, (t, v, nk, n_co, q)
 
 
+@numba.njit
+def _run_rows(x, xoff, rowstride, offs, nk, w, woff, b, boff, out, ooff, ostride, n_co, t, r,
+              v):
+    tile_fma_rows(x, xoff, rowstride, offs, nk, w, woff, b, boff, out, ooff, ostride, n_co, t,
+                  r, v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("v", [1, 2])
+def test_every_row_tile_shape_sums_its_taps(dtype, v):
+    """tile_fma_rows(t, r) is tile_fma of r*t columns whose x offsets are i*rowstride + j."""
+    rng = np.random.default_rng(10 + v)
+    lv = v * lanes(dtype)
+    eps = np.finfo(dtype).eps
+    for r in range(2, ROW_TILES + 1):
+        for t in range(1, max_tile() // r + 1):
+            nk = int(rng.integers(2, 30))
+            n_co = int(rng.integers(1, lv + 1))
+            rowstride = int(rng.integers(t, 2 * t + 9))
+            ostride = int(rng.integers(r * t, 3 * r * t + 5))
+            x = rng.standard_normal(400).astype(dtype)
+            offs = rng.integers(0, 250, nk).astype(np.int64)
+            w = rng.standard_normal(nk * lv + 11).astype(dtype)
+            b = rng.standard_normal(lv + 7).astype(dtype)
+            out = np.full(5 + lv * ostride + 20, 7.5, dtype)
+            _run_rows(x, 13, rowstride, offs, nk, w, 11, b, 7, out, 5, ostride, n_co, t, r, v)
+            for c in range(lv):
+                for q in range(ostride):
+                    got = out[5 + c * ostride + q]
+                    if c >= n_co or q >= r * t:  # outside the tile: untouched
+                        assert got == 7.5, (t, r, v, c, q)
+                        continue
+                    at = 13 + (q // t) * rowstride + q % t
+                    terms = [np.float64(b[7 + c])] + [
+                        x[at + o] * np.float64(w[11 + k * lv + c]) for k, o in enumerate(offs)]
+                    bound = (nk + 1) * eps * sum(abs(term) for term in terms)
+                    assert abs(got - sum(terms)) <= bound, (t, r, v, c, q)
+    # Outside the compiled cases (r = 1, r past ROW_TILES, r*t past max_tile): no write.
+    out = np.full(64 * 40, 3.0, dtype)
+    ones = np.ones(64 * 32, dtype)
+    for t, r in ((3, 1), (1, ROW_TILES + 1), (max_tile() // 2 + 1, 2)):
+        _run_rows(ones, 0, 5, np.zeros(2, np.int64), 2, ones, 0, ones, 0, out, 0, 40, 32, t, r,
+                  v)
+    assert (out == 3.0).all()
+
+
 def test_unsupported_tiles_store_nothing():
     """A (t, v) outside the compiled cases falls through the switch: no write at all."""
     x = np.ones(64, np.float32)
@@ -86,16 +132,18 @@ def _loops(asm: str):
     return loops
 
 
-def _largest_tile_loops():
-    """The tap loops of the largest tile in ``_run`` compiled (not run) for float32: each a
-    loop with 2 * max_tile() packed FMAs on zmm registers; (loops, whether each touches the
+def _largest_tile_loops(rows: bool = False):
+    """The tap loops of the largest tiles in ``_run`` (``rows``: ``_run_rows``) compiled (not
+    run) for float32: each a loop with 2 * max_tile() packed FMAs on zmm registers (rows: 2 *
+    the largest r*t but one, so the 3-row tiles count too); (loops, whether each touches the
     stack)."""
     f32, i64 = numba.types.float32[::1], numba.types.int64
-    sig = (f32, i64, i64[::1], i64, f32, i64, f32, i64, f32, i64, i64, i64, i64, i64)
-    fresh = numba.njit(sig)(_run.py_func)
+    sig = (f32, i64, *((i64,) if rows else ()), i64[::1], i64, f32, i64, f32, i64, f32, i64,
+           i64, i64, i64, *((i64,) if rows else ()), i64)
+    fresh = numba.njit(sig)((_run_rows if rows else _run).py_func)
     asm = fresh.inspect_asm(fresh.signatures[0])
-    loops = [b for b in _loops(asm)
-             if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) >= 2 * max_tile()]
+    least = 2 * (max_tile() - 2) if rows else 2 * max_tile()
+    loops = [b for b in _loops(asm) if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) >= least]
     return loops, ["rsp" in b or "rbp)" in b for b in loops]
 
 
@@ -104,18 +152,21 @@ def _largest_tile_loops():
 def test_largest_tile_keeps_accumulators_in_registers(tmp_path):
     """The 14 x 2 tile's tap loop: 28 packed FMAs on zmm registers and no stack traffic (an
     accumulator spilled to the stack costs a load and a store per FMA; a run-time column
-    stride once made LLVM do exactly that). Compiled for AVX-512 in a process of its own, so
+    stride once made LLVM do exactly that); likewise the multi-row tiles (2 x 7 and 3 x 4
+    columns, a run-time row stride). Compiled for AVX-512 in a process of its own, so
     this runs on hosts without it too."""
     out = run_for_target("""
         import test_microkernel as t
         from fastconv.cpu import _microkernel
         assert _microkernel._wide_vectors() and _microkernel.max_tile() == 14
-        loops, spills = t._largest_tile_loops()
-        print(len(loops), sum(spills))
+        for rows in (False, True):
+            loops, spills = t._largest_tile_loops(rows)
+            print(len(loops), sum(spills))
     """, tmp_path, "znver4", AVX512_FEATURES)
-    n_loops, n_spilling = map(int, out.split()[-2:])
-    assert n_loops > 0, "no tap loop with 28 zmm FMAs"
-    assert n_spilling == 0, "a tap loop of the largest tile touches the stack"
+    counts = list(map(int, out.split()[-4:]))
+    for kind, n_loops, n_spilling in (("tile_fma", *counts[:2]), ("tile_fma_rows", *counts[2:])):
+        assert n_loops > 0, f"{kind}: no tap loop of the largest tiles' zmm FMAs"
+        assert n_spilling == 0, f"{kind}: a tap loop of the largest tiles touches the stack"
 
 
 @numba.njit
@@ -253,6 +304,7 @@ def test_256_bit_build_of_the_tiles(tmp_path):
         for dtype in (np.float32, np.float64):
             for v in (1, 2):
                 t.test_every_tile_shape_sums_its_taps(dtype, v)
+                t.test_every_row_tile_shape_sums_its_taps(dtype, v)
             for step in (1, 2, 3):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
             t.test_stream_run_moves_exactly_its_run(dtype)

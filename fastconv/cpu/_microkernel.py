@@ -125,10 +125,12 @@ def _transpose(builder, rows, lanes_n):
     return rows
 
 
-def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done, scratch):
+def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done, scratch,
+               cols=None):
     """One (t, v) case: its own tap loop with the accumulators as loop phis, started from the
     bias; then the tile, transposed per block of L columns, stored a channel row at a time;
-    then a branch to ``done``."""
+    then a branch to ``done``. ``cols``: column tt's x offset from the tap's (i64 values
+    computed before the loop; default tt)."""
     xbase, offs, wbase, bbase, obase = ptrs
     i64, i32 = ir.IntType(64), ir.IntType(32)
     lanes_n = vty.count
@@ -157,7 +159,7 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done,
     wv = [vload(wk, vv * lanes_n) for vv in range(v)]
     new = []
     for tt in range(t):
-        s = builder.load(builder.gep(xk, [ir.Constant(i64, tt)]))
+        s = builder.load(builder.gep(xk, [ir.Constant(i64, tt) if cols is None else cols[tt]]))
         b = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
                                    undef, splat)
         new.append([builder.call(fn_fma, [b, wv[vv], acc[tt][vv]]) for vv in range(v)])
@@ -201,6 +203,31 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done,
     builder.branch(done)
 
 
+def _tile_prologue(context, builder, signature, args, pos):
+    """What a tile intrinsic's codegen starts with. pos: the argument indices of (x, xoff,
+    offs, w, woff, bias, boff, out, ooff). Returns (as_i64: argument index -> i64 value, the
+    vector FMA, the vector type, the element size, ``_emit_tile``'s ptrs, one L x L scratch
+    block)."""
+    tys = signature.args
+    ix, ixoff, ioffs, iw, iwoff, ib, iboff, io, iooff = pos
+
+    def data(i):
+        return context.make_array(tys[i])(context, builder, args[i]).data
+
+    def as_i64(i):
+        return context.cast(builder, args[i], tys[i], types.int64)
+
+    vty, size = _vector_type(context, tys[ix].dtype)
+    suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
+    ptrs = (builder.gep(data(ix), [as_i64(ixoff)]), data(ioffs),
+            builder.gep(data(iw), [as_i64(iwoff)]), builder.gep(data(ib), [as_i64(iboff)]),
+            builder.gep(data(io), [as_i64(iooff)]))
+    fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
+                                              ir.FunctionType(vty, [vty] * 3))
+    scratch = cgutils.alloca_once(builder, vty, size=vty.count)
+    return as_i64, fn_fma, vty, size, ptrs, scratch
+
+
 @intrinsic
 def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostride, n_co, t, v):
     """See the module docstring. x, w, bias, out: 1-D contiguous arrays of one float dtype
@@ -214,22 +241,9 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
     sig = types.void(x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostride, n_co, t, v)
 
     def codegen(context, builder, signature, args):
-        tys = signature.args
         i64 = ir.IntType(64)
-
-        def data(i):
-            return context.make_array(tys[i])(context, builder, args[i]).data
-
-        def as_i64(i):
-            return context.cast(builder, args[i], tys[i], types.int64)
-
-        vty, size = _vector_type(context, tys[0].dtype)
-        suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
-        ptrs = (builder.gep(data(0), [as_i64(1)]), data(2), builder.gep(data(4), [as_i64(5)]),
-                builder.gep(data(6), [as_i64(7)]), builder.gep(data(8), [as_i64(9)]))
-        fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
-                                                  ir.FunctionType(vty, [vty] * 3))
-        scratch = cgutils.alloca_once(builder, vty, size=vty.count)  # one L x L block
+        as_i64, fn_fma, vty, size, ptrs, scratch = _tile_prologue(
+            context, builder, signature, args, (0, 1, 2, 4, 5, 6, 7, 8, 9))
         key = builder.add(builder.mul(as_i64(13), ir.Constant(i64, 64)), as_i64(12))
         done = builder.append_basic_block("tile.done")
         switch = builder.switch(key, done)
@@ -240,6 +254,59 @@ def tile_fma(typingctx, x, xoff, offs, nk, w, woff, bias, boff, out, ooff, ostri
                 builder.position_at_end(block)
                 _emit_tile(builder, fn_fma, vty, size, ptrs, as_i64(3), as_i64(10),
                            as_i64(11), tcase, vcase, done, scratch)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# Tiles of several kernel rows. A weight-gradient tile (conv2d.py, "Weight gradients as
+# tiles") has a kernel row's kW taps as its columns: 3 for a 3x3 layer, so 6 accumulators, and
+# per tap 2 weight-vector loads and 3 broadcasts for 6 FMAs, which the loads bound. Taking r
+# consecutive kernel rows of one channel as r*kW columns (x offsets i*rowstride + j; the
+# output's taps (c, i, j) are consecutive in i too) fills the registers and halves the loads
+# per FMA.
+ROW_TILES = 3  # kernel rows a tile_fma_rows tile takes at most
+
+
+@intrinsic
+def tile_fma_rows(typingctx, x, xoff, rowstride, offs, nk, w, woff, bias, boff, out, ooff,
+                  ostride, n_co, t, r, v):
+    """``tile_fma`` with r rows of t columns, r*t columns in all::
+
+        out[ooff + c*ostride + i*t + j] = bias[boff + c]
+            + sum_k x[xoff + offs[k] + i*rowstride + j] * w[woff + k*v*L + c]
+
+    for i < r, j < t, c < min(n_co, v*L). 2 <= r <= ``ROW_TILES``, r*t <= ``max_tile()``,
+    v in (1, 2); other (t, r, v) store nothing. No bounds checks."""
+    if not _float_runs((x, w, bias, out),
+                       (xoff, rowstride, nk, woff, boff, ooff, ostride, n_co, t, r, v)):
+        return None
+    if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1):
+        return None
+    sig = types.void(x, xoff, rowstride, offs, nk, w, woff, bias, boff, out, ooff, ostride,
+                     n_co, t, r, v)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        as_i64, fn_fma, vty, size, ptrs, scratch = _tile_prologue(
+            context, builder, signature, args, (0, 1, 3, 5, 6, 7, 8, 9, 10))
+        rowstride = as_i64(2)
+        key = builder.add(builder.mul(builder.add(builder.mul(as_i64(15), ir.Constant(i64, 8)),
+                                                  as_i64(14)), ir.Constant(i64, 64)), as_i64(13))
+        done = builder.append_basic_block("tile_rows.done")
+        switch = builder.switch(key, done)
+        for vcase in (1, 2):
+            for rcase in range(2, ROW_TILES + 1):
+                for tcase in range(1, max_tile() // rcase + 1):
+                    block = builder.append_basic_block(f"tile{rcase}x{tcase}x{vcase}")
+                    switch.add_case(ir.Constant(i64, (vcase * 8 + rcase) * 64 + tcase), block)
+                    builder.position_at_end(block)
+                    rows = [builder.mul(rowstride, ir.Constant(i64, i)) for i in range(rcase)]
+                    cols = [builder.add(rows[q // tcase], ir.Constant(i64, q % tcase))
+                            for q in range(rcase * tcase)]
+                    _emit_tile(builder, fn_fma, vty, size, ptrs, as_i64(4), as_i64(11),
+                               as_i64(12), rcase * tcase, vcase, done, scratch, cols)
         builder.position_at_end(done)
         return context.get_dummy_value()
 

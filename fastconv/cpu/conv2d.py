@@ -55,7 +55,7 @@ from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import (engine_threads, float32_for_half, l2_bytes, parallel_kernel,
                        parallel_region)
-from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, transpose_block,
+from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, tile_fma_rows, transpose_block,
                            winograd4_grad_band, winograd4_input_band, winograd4_output_band,
                            winograd_grad_band, winograd_input_band, winograd_output_band)
 from ._window import (U2, U64, add_at, col_range, copy_at, fill, fill_at, front,
@@ -935,7 +935,10 @@ def _input_grad_phase_gemm(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
 # chunks whose packed grad_out stays in L2 while every (c, i) tile of a block reads it; the
 # chunks' partial sums are added in order, so the bits do not depend on the thread count.
 # Measured (2 threads) against im2col + BLAS: LeNet's 5x5 layer 0.44 -> 0.20 ms, 3x3 stride
-# 2 with 128 channels on 56x56 (batch 8) 13.9 -> 9.3 ms (see the README for the rest).
+# 2 with 128 channels on 56x56 (batch 8) 13.9 -> 9.3 ms (see the README for the rest). A tile
+# takes up to WEIGHT_TILE_ROWS kernel rows of a channel (``tile_fma_rows``): 3x3 layers, one
+# row -> three, same run, ms: 128 channels stride 2 10.1-10.8 -> 9.4-9.9, 64 channels
+# stride 1 on 56x56 10.3 -> 9.7-9.8, the 7x7 stem 11.9-12.0 -> 11.6-11.7; bitwise the same.
 @parallel_kernel
 def _pack_grad_out(gy4, groups, lanes, gpk):
     """gpk[g, cb, n*P + q, c] = gy4[n, g*C_out/G + cb*LV + c, q] (P = Ho*Wo, q = oh*Wo + ow),
@@ -970,10 +973,12 @@ def _pack_grad_out(gy4, groups, lanes, gpk):
 
 
 @parallel_kernel
-def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks):
+def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks, r):
     """part[chunk, g, co, (c*kH + i)*kW + j] = the weight gradient's sum over the chunk's
     output pixels; xs4 (N, C_in, Hs, Ws) holds every window whole from (0, 0) (the input, or
-    its zero-padded copy), gpk the packed grad_out (see _pack_grad_out); dW = 1."""
+    its zero-padded copy), gpk the packed grad_out (see _pack_grad_out); dW = 1. A tile takes
+    r kernel rows of a channel (r*kW <= max_tile; the last of a channel's row groups may have
+    fewer), or with r = 1 t columns of one row."""
     n_img, c_in, hs, ws = xs4.shape
     groups, nb, npix, lv = gpk.shape
     cout_g, k_taps = part.shape[2], part.shape[3]
@@ -984,17 +989,24 @@ def _tile_weight(xs4, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks):
         offs[k] = img * c_in * hs * ws + (q // wo) * sh * ws + (q % wo) * sw
     x, gflat, out = xs4.reshape(-1), gpk.reshape(-1), part.reshape(-1)
     zero = np.zeros(lv, dtype=xs4.dtype)
-    rows = cin_g * kh  # (c, i) kernel rows a group has
+    per_c = -(-kh // r)  # row groups a channel has
+    rows = cin_g * per_c
     for item in prange(chunks * groups * nb * rows):
         ch, rest = item // (groups * nb * rows), item % (groups * nb * rows)
         g, cb, row = rest // (nb * rows), (rest // rows) % nb, rest % rows
-        c, i = row // kh, row % kh
+        c, i = row // per_c, (row % per_c) * r
+        nr = min(r, kh - i)
         k0, k1 = ch * npix // chunks, (ch + 1) * npix // chunks
         x0 = (g * cin_g + c) * hs * ws + i * dh * ws
-        o0 = ((ch * groups + g) * cout_g + cb * lv) * k_taps + row * kw
-        for j0 in range(0, kw, t):
-            tile_fma(x, x0 + j0, offs[k0:], k1 - k0, gflat, ((g * nb + cb) * npix + k0) * lv,
-                     zero, 0, out, o0 + j0, k_taps, cout_g - cb * lv, min(t, kw - j0), v)
+        o0 = ((ch * groups + g) * cout_g + cb * lv) * k_taps + (c * kh + i) * kw
+        w0 = ((g * nb + cb) * npix + k0) * lv
+        if nr > 1:
+            tile_fma_rows(x, x0, dh * ws, offs[k0:], k1 - k0, gflat, w0, zero, 0, out, o0,
+                          k_taps, cout_g - cb * lv, kw, nr, v)
+        else:
+            for j0 in range(0, kw, t):
+                tile_fma(x, x0 + j0, offs[k0:], k1 - k0, gflat, w0, zero, 0, out, o0 + j0,
+                         k_taps, cout_g - cb * lv, min(t, kw - j0), v)
 
 
 @parallel_kernel
@@ -1003,6 +1015,10 @@ def _pad_planes(x4, xp4, pt, pl):
     for item in prange(x4.shape[0] * x4.shape[1]):
         img, c = item // x4.shape[1], item % x4.shape[1]
         _pad_plane(x4[img, c], xp4[img, c], pt, pl)
+
+
+# Kernel rows a weight-gradient tile takes (see _microkernel.tile_fma_rows); 1: one row.
+WEIGHT_TILE_ROWS = _microkernel.ROW_TILES
 
 
 # Bytes of packed grad_out a chunk of pixels holds: as _COPY_BYTES (2 MiB L2, weight-gradient
@@ -1039,9 +1055,10 @@ def _weight_grad_tiles(gy: np.ndarray, x: np.ndarray, gw: np.ndarray,
     chunks = max(1, min(npix, -(-npix * lv * x.itemsize // _WEIGHT_CHUNK_BYTES)))
     gw3 = gw.reshape(g, c_out // g, -1)
     part = gw3[None] if chunks == 1 else np.empty((chunks,) + gw3.shape, dtype=gw.dtype)
-    with parallel_region(chunks * g * gpk.shape[1] * gw.shape[1] * kh):
-        _tile_weight(xs, gpk, part, kh, kw, sh, sw, dh, ho, wo,
-                     min(kw, _microkernel.max_tile()), v, chunks)
+    t = min(kw, _microkernel.max_tile())
+    r = max(1, min(WEIGHT_TILE_ROWS, kh, _microkernel.max_tile() // kw))
+    with parallel_region(chunks * g * gpk.shape[1] * gw.shape[1] * -(-kh // r)):
+        _tile_weight(xs, gpk, part, kh, kw, sh, sw, dh, ho, wo, t, v, chunks, r)
     if chunks > 1:
         with parallel_region(g):
             _sum_chunks(part, gw3)
