@@ -296,17 +296,20 @@ def conv2d_output_shape(input_shape, weight_shape, params: Conv2dParams,
     return n, c_out, ho, wo
 
 
-def check_conv2d_backward(grad_output: torch.Tensor, other_name: str, other: torch.Tensor,
-                          input_shape, weight_shape, params: Conv2dParams, op: str) -> None:
-    """The gradient passes' operands: ``other`` (the weight or the input) shares
-    grad_output's device and dtype, and grad_output is ``(N, C_out, Ho', Wo')``, the conv
-    output of ``input_shape`` or its top-left part (``Ho' <= Ho``: conv_transpose2d with an
-    output_padding of at least the stride leaves the last output rows without a source)."""
-    _check_tensors(op, grad_output=grad_output, **{other_name: other})
+def check_conv2d_backward(grad_output: torch.Tensor, input_shape, weight_shape,
+                          params: Conv2dParams, op: str, **operands) -> None:
+    """The gradient passes' operands: each of ``operands`` (by name: the weight, the input;
+    None ones skipped) shares grad_output's device and dtype, and grad_output is
+    ``(N, C_out, Ho', Wo')``, the conv output of ``input_shape`` or its top-left part
+    (``Ho' <= Ho``: conv_transpose2d with an output_padding of at least the stride leaves
+    the last output rows without a source)."""
+    _check_tensors(op, grad_output=grad_output, **operands)
     check_layout("grad_output", grad_output, op)
-    check_layout(other_name, other, op)
     check_dtype("grad_output", grad_output, op)
-    check_same(op, "grad_output", grad_output, other_name, other)
+    for name, other in operands.items():
+        if other is not None:
+            check_layout(name, other, op)
+            check_same(op, "grad_output", grad_output, name, other)
     if grad_output.dim() != 4:
         raise ArgumentError(f"{op}: expected grad_output of 4 dims (N, C_out, Ho, Wo), got "
                             f"shape {tuple(grad_output.shape)}")

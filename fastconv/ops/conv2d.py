@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._args import (ArgumentError, _check_tensors, check_conv2d, check_conv2d_backward,
-                     check_dtype, check_layout, check_same, conv2d_op_params, conv2d_output_shape,
-                     conv2d_params)
+                     check_dtype, check_layout, conv2d_op_params, conv2d_params)
 from .._profiling import op_range
 from . import _library
 from ._library import Checked, autocast, define, define_op, fake_output, in_format, output_format
@@ -84,7 +83,7 @@ def _backward_input_check(grad_output, weight, input_size, stride, padding, dila
                             f"got {getattr(weight, 'shape', weight)}")
     _check_batched(grad_output, op, "grad_output")
     shape = (grad_output.shape[0], weight.shape[1] * groups, *input_size)
-    check_conv2d_backward(grad_output, "weight", weight, shape, tuple(weight.shape), params, op)
+    check_conv2d_backward(grad_output, shape, tuple(weight.shape), params, op, weight=weight)
     return Checked(grad_output, shape, output_format(grad_output, weight), params)
 
 
@@ -129,7 +128,7 @@ def _backward_weight_check(grad_output, input, kernel_size, stride, padding, dil
     if len(kernel_size) != 2:
         raise ArgumentError(f"{op}: kernel_size must be (kH, kW), got {kernel_size!r}")
     shape = (grad_output.shape[1], input.shape[1] // groups, *kernel_size)
-    check_conv2d_backward(grad_output, "input", input, tuple(input.shape), shape, params, op)
+    check_conv2d_backward(grad_output, tuple(input.shape), shape, params, op, input=input)
     return Checked(grad_output, shape, output_format(grad_output, input), params)
 
 
@@ -210,14 +209,10 @@ def _backward_check(grad_output, input, weight, input_size, kernel_size, output_
         raise ArgumentError(f"{op}: grad_input (output_mask[0]) needs the weight, got None")
     if want_weight and input is None:
         raise ArgumentError(f"{op}: grad_weight (output_mask[1]) needs the input, got None")
-    _check_tensors(op, input=input, weight=weight)
-    check_layout("grad_output", grad_output, op)
-    check_dtype("grad_output", grad_output, op)
-    n, c_out, gh, gw = grad_output.shape
+    _check_tensors(op, input=input, weight=weight)  # before their shapes are read
+    n, c_out = grad_output.shape[:2]
     c_in = None
     if weight is not None:
-        check_layout("weight", weight, op)
-        check_same(op, "grad_output", grad_output, "weight", weight)
         if weight.dim() != 4 or tuple(weight.shape[2:]) != tuple(kernel_size):
             raise ArgumentError(f"{op}: weight of shape {tuple(weight.shape)} is not a "
                                 f"(C_out, C_in/groups, kH, kW) weight of kernel_size "
@@ -225,20 +220,18 @@ def _backward_check(grad_output, input, weight, input_size, kernel_size, output_
         c_in = weight.shape[1] * groups
     if input is not None:
         _check_batched(input, op)
-        check_layout("input", input, op)
-        check_same(op, "grad_output", grad_output, "input", input)
         if tuple(input.shape[2:]) != tuple(input_size):
             raise ArgumentError(f"{op}: input of shape {tuple(input.shape)} does not have "
                                 f"input_size {tuple(input_size)}")
         c_in = input.shape[1]
     input_shape = (n if input is None else input.shape[0], c_in, *input_size)
     weight_shape = (c_out, None if c_in is None else c_in // groups, *kernel_size)
-    if c_in is not None:  # else the bias gradient alone, which any grad_output has
-        shape = conv2d_output_shape(input_shape, weight_shape if weight is None
-                                    else tuple(weight.shape), params, op)
-        if shape[:2] != (n, c_out) or gh > shape[2] or gw > shape[3]:
-            raise ArgumentError(f"{op}: grad_output of shape {tuple(grad_output.shape)} does "
-                                f"not fit a conv output of shape {shape}")
+    if c_in is None:  # the bias gradient alone, which any grad_output has
+        check_layout("grad_output", grad_output, op)
+        check_dtype("grad_output", grad_output, op)
+    else:
+        check_conv2d_backward(grad_output, input_shape, weight_shape if weight is None
+                              else tuple(weight.shape), params, op, input=input, weight=weight)
     shapes = (input_shape if want_input else None, weight_shape if want_weight else None,
               (c_out,) if want_bias else None)
     formats = (output_format(grad_output, weight) if want_input else None,
