@@ -128,9 +128,12 @@ def llc_bytes() -> int:
     return sizes[max(sizes)] if sizes else 0
 
 
-def engine_threads() -> int:
-    """Threads the CPU engine uses: torch's count, capped by Numba's pool size."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def engine_threads(torch_threads: int | None = None) -> int:
+    """Threads the CPU engine uses: torch's count (``torch_threads``, when the caller has
+    already asked torch), capped by Numba's pool size."""
+    if torch_threads is None:
+        torch_threads = torch.get_num_threads()
+    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
 
 
 class _Region(threading.local):
@@ -201,7 +204,7 @@ class parallel_region:  # noqa: N801 - used like a function: ``with parallel_reg
 
     def __enter__(self) -> int:
         self.torch_threads = torch.get_num_threads()
-        threads = max(1, min(self.torch_threads, numba.config.NUMBA_NUM_THREADS))  # engine_threads
+        threads = engine_threads(self.torch_threads)
         numba_threads = threads if self.items >= threads else 1
         blas_threads = 1 if numba_threads > 1 else threads
         self.lock = _launch_lock if _layer in (None, "workqueue") else None
