@@ -98,3 +98,16 @@ def run_for_target(code: str, cache_dir, cpu_name: str, features: str | None = N
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def prefer_candidate(monkeypatch, name: str) -> None:
+    """Make the CPU autotuner run candidate ``name`` wherever a pass offers it (else the
+    rule's choice), without timing anything."""
+    from fastconv.cpu import _autotune
+
+    def run(key, candidates, flops):
+        chosen = name if name in candidates else next(iter(candidates))
+        candidates[chosen]()
+        return chosen
+
+    monkeypatch.setattr(_autotune, "run", run)

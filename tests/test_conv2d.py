@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from helpers import assert_matches_torch
+from helpers import assert_matches_torch, prefer_candidate
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -403,15 +403,9 @@ def test_strided_input_gradient_by_phase_gemms(dtype, shapes, chunk_bytes, monke
     """Forward and both gradients; the input gradient takes the autotuner's "phase-gemm"
     candidate (a GEMM per tap on shifted views of the wide grad_out), in one chunk of images
     or one image a chunk."""
-    from fastconv.cpu import _autotune
     from fastconv.cpu import conv2d as cpu_conv2d
 
-    def run(key, candidates, flops):
-        name = "phase-gemm" if "phase-gemm" in candidates else next(iter(candidates))
-        candidates[name]()
-        return name
-
-    monkeypatch.setattr(_autotune, "run", run)
+    prefer_candidate(monkeypatch, "phase-gemm")
     if chunk_bytes is not None:
         monkeypatch.setattr(cpu_conv2d, "_PHASE_GEMM_BYTES", chunk_bytes)
     _matches_torch_by("_input_grad_phase_gemm", dtype, shapes, 5, monkeypatch)
@@ -537,6 +531,50 @@ def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
+POINTWISE_TILED = [  # (input, weight, options): 1x1 layers on small planes through the tiles,
+    # the batch's pixels in bands (see _pointwise_band); forward and input gradient
+    ((8, 16, 7, 7), (40, 16, 1, 1), {}),                   # a full and a partial block
+    ((5, 32, 3, 5), (20, 16, 1, 1), dict(groups=2)),       # groups; tiles across images
+    ((4, 20, 5, 5), (24, 20, 1, 1), {}),                   # partial blocks both ways
+    ((3, 16, 2, 3), (17, 16, 1, 1), {}),                   # 18 pixels: the last tile overlaps
+    ((9, 16, 1, 1), (16, 16, 1, 1), {}),                   # fewer pixels than a tile
+]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("copy_bytes", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", POINTWISE_TILED, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pointwise_tiles(dtype, shapes, copy_bytes, threads, monkeypatch):
+    """Forward (with bias) and both gradients with the tiles chosen wherever they may run:
+    1x1 layers on small planes take their tiles over the batch's pixels in bands (one band
+    or three), in runs of pixels copied from several images (copy_bytes=1: a tile a run) and
+    written back image by image; the input gradient's weights packed transposed."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    modes = []
+    real = cpu_conv2d._tile_forward
+    monkeypatch.setattr(cpu_conv2d, "_tile_forward",
+                        lambda *a: modes.append((a[3], a[6], a[7])) or real(*a))
+    monkeypatch.setattr(cpu_conv2d, "engine_threads", lambda *a: threads)
+    prefer_candidate(monkeypatch, "tiles")
+    if copy_bytes is not None:
+        monkeypatch.setattr(cpu_conv2d, "_COPY_BYTES", copy_bytes)
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    # (transposed, bands, pointwise): the forward, and the input gradient where a group's
+    # input channels fill a vector
+    whole_tiles = xs[0] * xs[2] * xs[3] // cpu_conv2d._microkernel.max_tile()
+    bands = max(1, min(-(-threads // opts.get("groups", 1)), whole_tiles))
+    assert (False, bands, True) in modes
+    if ws[1] >= cpu_conv2d.INPUT_GRAD_MIN_FILL * cpu_conv2d._microkernel.lanes(
+            x.detach().numpy().dtype):
+        assert (True, bands, True) in modes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", [
     ((1, 16, 7, 7), (37, 16, 1, 1), {}),             # two row blocks
@@ -547,19 +585,13 @@ def test_pointwise_weight_gradient_of_one_image(dtype, shapes, monkeypatch):
     """A batch of one on small 1x1 planes: the weight gradient's GEMM path is one GEMM per
     block of output channels (_pointwise_weight_rows, as for packed batches), not a sum over
     images to transpose; it matches PyTorch, forward and input gradient too."""
-    from fastconv.cpu import _autotune
     from fastconv.cpu import conv2d as cpu_conv2d
-
-    def run(key, candidates, flops):  # the GEMM path wherever there is a choice
-        name = "gemm" if "gemm" in candidates else next(iter(candidates))
-        candidates[name]()
-        return name
 
     calls = []
     real = cpu_conv2d._pointwise_weight_rows
     monkeypatch.setattr(cpu_conv2d, "_pointwise_weight_rows",
                         lambda *a: calls.append(a[3:5]) or real(*a))
-    monkeypatch.setattr(_autotune, "run", run)
+    prefer_candidate(monkeypatch, "gemm")  # the GEMM path wherever there is a choice
     xs, ws, opts = shapes
     gen = torch.Generator().manual_seed(2)
     x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
