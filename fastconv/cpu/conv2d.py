@@ -783,7 +783,11 @@ FORWARD_MIN_FILL, INPUT_GRAD_MIN_FILL, WEIGHT_GRAD_MIN_FILL = 0.25, 1.0, 0.5
 # 7x7 10.0 / 7.1 (6.8) ms, at batch 1 6.1 / 0.97 (1.7); 2048->512 11.5 / 6.9 (6.9);
 # 1024->256 on 14x14 10.7 / 9.6 (6.1); 256->1024 7.2 / 6.4 (6.2); 256->256 1.89 / 1.71
 # (1.65); 128->512 on 28x28 7.8 / 7.0 (6.6). Below it the tiles mostly win: 256->64 on 56x56
-# 7.5 / 8.3 (7.3); not 64->256 on 56x56, 8.7 / 7.5.
+# 7.5 / 8.3 (7.3); not 64->256 on 56x56, 8.7 / 7.5. Those tiles ran per image; on small
+# planes they now run over the batch's pixels (_pointwise_band), and on Zen 4 (AVX-512, 14 x 2
+# tiles of 16 lanes), 2 threads, batch 8, the autotuner measured 512->2048 on 7x7 forward
+# 3.9-4.2 ms by tiles against 4.3-4.6 by BLAS (PyTorch 4.0), its input gradient 4.0-4.5
+# against 4.4-4.7: the GEMM stays the rule's choice, the tiles the measured one.
 _DIRECT_GEMM_BYTES = 256 * 1024
 
 # Bytes of input rows per copy in _tile_forward: with the weights of a block of output
