@@ -531,6 +531,71 @@ def test_pointwise_packed_layers(dtype, shapes, depth, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
+PIXEL_GRAD = [  # (input, weight, options): one-group layers with few input channels, whose
+    # input gradient can run as pixel tiles (_pixel_phases)
+    ((2, 6, 14, 14), (16, 6, 5, 5), {}),                                # LeNet's second layer
+    ((2, 3, 30, 31), (64, 3, 7, 7), dict(stride=2, padding=3)),         # an RGB stem
+    ((1, 5, 11, 9), (7, 5, 3, 3), dict(stride=3, padding=1)),           # stride 3
+    ((2, 4, 13, 12), (9, 4, 3, 3), dict(stride=2, padding=2, dilation=2)),  # dilated
+    ((1, 2, 8, 8), (5, 2, 3, 3), dict(padding=3)),                      # padding past the reach
+    ((1, 3, 5, 7), (4, 3, 1, 1), dict(stride=2)),                       # phases no tap reaches
+    ((2, 7, 9, 10), (6, 7, 2, 3), dict(stride=(2, 1), padding=(1, 0))), # even kernel, one stride
+]
+
+
+@pytest.mark.parametrize("channels, small", [(None, False), (4, True)],
+                         ids=["planned", "tile-4-row-bands"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", PIXEL_GRAD, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_input_gradient_by_pixel_tiles(dtype, shapes, channels, small, monkeypatch):
+    """Forward and both gradients, the input gradient by pixel tiles phase by phase: strides,
+    dilation, padding past the kernel's reach, phases no tap reaches; up to 8 input channels
+    a tile or 4 (several blocks, the last partial); bands as planned, or one row a band and
+    one channel a copy (small)."""
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    ran = []
+    real = cpu_conv2d._input_grad_pixels
+    monkeypatch.setattr(cpu_conv2d, "_input_grad_pixels", lambda *a: ran.append(1) or real(*a))
+    prefer_candidate(monkeypatch, "pixels")
+    if channels is not None:
+        monkeypatch.setattr(cpu_conv2d._microkernel, "pixel_channels", lambda: channels)
+    if small:
+        monkeypatch.setattr(cpu_conv2d, "_PIXEL_BAND_BYTES", 1)
+        monkeypatch.setattr(cpu_conv2d, "_COPY_BYTES", 1)
+    xs, ws, opts = shapes
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = (torch.randn(s, generator=gen, dtype=dtype).requires_grad_()
+               for s in (xs, ws, ws[:1]))
+    assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], opts)
+    assert ran
+
+
+def test_pixel_tiles_are_the_rule_where_they_waste_little():
+    """The input gradient's rule (autotuning off) takes pixel tiles for an RGB stem, whose
+    grad_out is barely padded, and BLAS for LeNet's 5x5 layer, where pixel tiles would also
+    multiply 2.5 times as many zeros of padding as the layer's own terms."""
+    from fastconv._args import conv2d_params
+    from fastconv.cpu import conv2d as cpu_conv2d
+
+    stem = conv2d_params((7, 7), stride=2, padding=3)
+    assert cpu_conv2d._pixel_waste(8, 64, 3, (7, 7), (224, 224), (112, 112), stem,
+                                   np.float32) < cpu_conv2d._PIXEL_MAX_WASTE
+    lenet = conv2d_params((5, 5))
+    assert cpu_conv2d._pixel_waste(64, 16, 6, (5, 5), (14, 14), (10, 10), lenet,
+                                   np.float32) > cpu_conv2d._PIXEL_MAX_WASTE
+    from fastconv.cpu import _autotune
+    calls = []
+    with mock.patch.object(_autotune, "run", lambda key, c, f: calls.append(list(c)) or
+                           c[next(iter(c))]()):
+        for xs, ws, opts in (((2, 3, 30, 30), (8, 3, 7, 7), dict(stride=2, padding=3)),
+                             ((2, 6, 14, 14), (16, 6, 5, 5), {})):
+            x, w = torch.randn(xs), torch.randn(ws)
+            gy = torch.randn_like(F.conv2d(x, w, **opts))
+            cpu_conv2d.conv2d_backward_input(gy, w, xs, conv2d_params(ws[2:], **opts))
+    assert calls[0][0] == "pixels" and calls[1][0] == "gemm" and "pixels" in calls[1]
+
+
 POINTWISE_TILED = [  # (input, weight, options): 1x1 layers on small planes through the tiles,
     # the batch's pixels in bands (see _pointwise_band); forward and input gradient
     ((8, 16, 7, 7), (40, 16, 1, 1), {}),                   # a full and a partial block

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from fastconv.cpu import _microkernel
-from fastconv.cpu._microkernel import (ROW_TILES, copy_run, lanes, max_tile,
-                                       prefer_wide_vectors, prefetch_run, stream_fence,
-                                       stream_run, tile_fma, tile_fma_rows, transpose_block,
+from fastconv.cpu._microkernel import (ROW_TILES, copy_run, lanes, max_tile, pixel_channels,
+                                       pixel_vectors, prefer_wide_vectors, prefetch_run,
+                                       stream_fence, stream_run, tile_fma, tile_fma_pixels,
+                                       tile_fma_rows, transpose_block,
                                        window_max3_s2, winograd4_grad_band, winograd4_input_band,
                                        winograd4_output_band, winograd_grad_band,
                                        winograd_input_band, winograd_output_band)
@@ -121,6 +122,48 @@ def test_unsupported_tiles_store_nothing():
     assert (out == 3.0).all()
 
 
+@numba.njit
+def _run_pixels(x, xoff, offs, nk, w, woff, out, ooff, ostride, t, r):
+    tile_fma_pixels(x, xoff, offs, nk, w, woff, out, ooff, ostride, t, r)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_pixel_tile_shape_adds_its_taps(dtype):
+    """tile_fma_pixels(t, r): each of t channels' r*L pixels gets its taps' sum added; nothing
+    outside the tile is written; (t, r) outside the compiled cases write nothing."""
+    rng = np.random.default_rng(3)
+    n = lanes(dtype)
+    eps = np.finfo(dtype).eps
+    for t in range(1, pixel_channels() + 1):
+        for r in sorted({1, pixel_vectors(t)}):
+            for nk in (0, 1, int(rng.integers(2, 40))):
+                ostride = r * n + int(rng.integers(0, 9))
+                x = rng.standard_normal(400).astype(dtype)
+                offs = rng.integers(0, 400 - 13 - r * n, nk).astype(np.int64)
+                w = rng.standard_normal(nk * t + 11).astype(dtype)
+                out = np.full(5 + t * ostride + 20, 7.5, dtype)
+                start = rng.standard_normal((t, r * n)).astype(dtype)
+                for c in range(t):
+                    out[5 + c * ostride:5 + c * ostride + r * n] = start[c]
+                _run_pixels(x, 13, offs, nk, w, 11, out, 5, ostride, t, r)
+                for c in range(t):
+                    for q in range(ostride):
+                        got = out[5 + c * ostride + q]
+                        if q >= r * n:
+                            assert got == 7.5, (t, r, nk, c, q)
+                            continue
+                        terms = [np.float64(start[c, q])] + [
+                            np.float64(w[11 + k * t + c]) * x[13 + o + q] for k, o in enumerate(offs)]
+                        bound = (nk + 1) * eps * sum(abs(term) for term in terms)
+                        assert abs(got - sum(terms)) <= bound, (t, r, nk, c, q)
+                assert (out[:5] == 7.5).all() and (out[5 + t * ostride:] == 7.5).all()
+    out = np.full(64 * 40, 3.0, dtype)
+    ones = np.ones(64 * 32, dtype)
+    for t, r in ((0, 1), (pixel_channels() + 1, 1), (1, 2 if pixel_vectors(1) != 2 else 3)):
+        _run_pixels(ones, 0, np.zeros(2, np.int64), 2, ones, 0, out, 0, 40, t, r)
+    assert (out == 3.0).all()
+
+
 def _loops(asm: str):
     """Single-block loops of the assembly: from a label to the branch back to it."""
     loops = []
@@ -130,6 +173,26 @@ def _loops(asm: str):
         if label and back:
             loops.append(block[:back.end()])
     return loops
+
+
+def _pixel_tile_loops():
+    """The tap loops of ``_run_pixels``'s fullest tiles compiled (not run) for float32: loops
+    of at least 24 packed zmm FMAs (t*r = 24 or 25 for t = 3 to 6); (loops,
+    whether each touches the stack)."""
+    f32, i64 = numba.types.float32[::1], numba.types.int64
+    sig = (f32, i64, i64[::1], i64, f32, i64, f32, i64, i64, i64, i64)
+    fresh = numba.njit(sig)(_run_pixels.py_func)
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    loops = [b for b in _loops(asm) if len(re.findall(r"vfmadd\w+ps\s+[^\n]*zmm", b)) >= 24]
+    return loops, [_touches_stack(b, asm) for b in loops]
+
+
+def _touches_stack(loop: str, asm: str) -> bool:
+    """Whether ``loop`` addresses the stack: through %rsp, or through %rbp where the function
+    makes it the frame pointer (elsewhere LLVM may use %rbp as one more pointer register: the
+    7-channel pixel tile walks its weights with it)."""
+    frame = re.search(r"movq\s+%rsp,\s*%rbp", asm) is not None
+    return "rsp" in loop or (frame and "rbp)" in loop)
 
 
 def _largest_tile_loops(rows: bool = False):
@@ -162,9 +225,12 @@ def test_largest_tile_keeps_accumulators_in_registers(tmp_path):
         for rows in (False, True):
             loops, spills = t._largest_tile_loops(rows)
             print(len(loops), sum(spills))
+        loops, spills = t._pixel_tile_loops()
+        print(len(loops), sum(spills))
     """, tmp_path, "znver4", AVX512_FEATURES)
-    counts = list(map(int, out.split()[-4:]))
-    for kind, n_loops, n_spilling in (("tile_fma", *counts[:2]), ("tile_fma_rows", *counts[2:])):
+    counts = list(map(int, out.split()[-6:]))
+    for kind, n_loops, n_spilling in (("tile_fma", *counts[:2]), ("tile_fma_rows", *counts[2:4]),
+                                      ("tile_fma_pixels", *counts[4:])):
         assert n_loops > 0, f"{kind}: no tap loop of the largest tiles' zmm FMAs"
         assert n_spilling == 0, f"{kind}: a tap loop of the largest tiles touches the stack"
 
@@ -305,6 +371,7 @@ def test_256_bit_build_of_the_tiles(tmp_path):
             for v in (1, 2):
                 t.test_every_tile_shape_sums_its_taps(dtype, v)
                 t.test_every_row_tile_shape_sums_its_taps(dtype, v)
+            t.test_every_pixel_tile_shape_adds_its_taps(dtype)
             for step in (1, 2, 3):
                 t.test_copy_run_moves_exactly_its_run(dtype, step)
             t.test_stream_run_moves_exactly_its_run(dtype)
@@ -319,6 +386,9 @@ def test_256_bit_build_of_the_tiles(tmp_path):
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(s, generator=gen) for s in ((2, 5, 11, 13), (19, 5, 3, 3), (19,)))
         assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w, b], dict(stride=2, padding=1))
+        # an RGB stem's input gradient by pixel tiles (4 channels a tile here)
+        x, w = (torch.randn(s, generator=gen) for s in ((2, 6, 15, 14), (9, 6, 5, 5)))
+        assert_matches_torch(fastconv.conv2d, F.conv2d, [x, w], dict(stride=2, padding=2))
         print("ok")
     """, tmp_path, "haswell", timeout=600)
     assert out.strip().endswith("ok")

@@ -125,6 +125,47 @@ def _transpose(builder, rows, lanes_n):
     return rows
 
 
+def _splat(builder, vty, scalar):
+    """``scalar`` in every lane of a ``vty`` vector (one vbroadcastss/sd from memory)."""
+    i32 = ir.IntType(32)
+    undef = ir.Constant(vty, ir.Undefined)
+    return builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)),
+                                  undef, ir.Constant(ir.VectorType(i32, vty.count),
+                                                     [0] * vty.count))
+
+
+def _tap_loop(builder, name, nk, init, body):
+    """A loop over taps k = 0 .. nk - 1 with the accumulators ``init`` (vector values) as loop
+    phis, updated by ``body(k, acc) -> new acc``; nothing when nk <= 0. Leaves the builder
+    after the loop and returns the final accumulators (phis there)."""
+    i64 = ir.IntType(64)
+    pre = builder.basic_block
+    loop = builder.append_basic_block(f"{name}.loop")
+    after = builder.append_basic_block(f"{name}.store")
+    builder.cbranch(builder.icmp_signed(">", nk, ir.Constant(i64, 0)), loop, after)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), pre)
+    acc = [builder.phi(a.type) for a in init]
+    for a, a0 in zip(acc, init):
+        a.add_incoming(a0, pre)
+    new = body(k, acc)
+    k1 = builder.add(k, ir.Constant(i64, 1))
+    end = builder.basic_block
+    k.add_incoming(k1, end)
+    for a, a1 in zip(acc, new):
+        a.add_incoming(a1, end)
+    builder.cbranch(builder.icmp_signed("<", k1, nk), loop, after)
+    builder.position_at_end(after)
+    result = []
+    for a0, a1 in zip(init, new):
+        phi = builder.phi(a0.type)
+        phi.add_incoming(a0, pre)
+        phi.add_incoming(a1, end)
+        result.append(phi)
+    return result
+
+
 def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done, scratch,
                cols=None):
     """One (t, v) case: its own tap loop with the accumulators as loop phis, started from the
@@ -132,10 +173,9 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done,
     then a branch to ``done``. ``cols``: column tt's x offset from the tap's (i64 values
     computed before the loop; default tt)."""
     xbase, offs, wbase, bbase, obase = ptrs
-    i64, i32 = ir.IntType(64), ir.IntType(32)
+    i64 = ir.IntType(64)
     lanes_n = vty.count
     vptr = vty.as_pointer()
-    splat = ir.Constant(ir.VectorType(i32, lanes_n), [0] * lanes_n)
     undef = ir.Constant(vty, ir.Undefined)
 
     def vload(ptr, off):
@@ -143,42 +183,20 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done,
                             align=align)
 
     init = [vload(bbase, vv * lanes_n) for vv in range(v)]
-    pre = builder.basic_block
-    loop = builder.append_basic_block(f"tile{t}x{v}.loop")
-    after = builder.append_basic_block(f"tile{t}x{v}.store")
-    builder.cbranch(builder.icmp_signed(">", nk, ir.Constant(i64, 0)), loop, after)
-    builder.position_at_end(loop)
-    k = builder.phi(i64)
-    k.add_incoming(ir.Constant(i64, 0), pre)
-    acc = [[builder.phi(vty) for _ in range(v)] for _ in range(t)]
-    for row in acc:
-        for vv, a in enumerate(row):
-            a.add_incoming(init[vv], pre)
-    xk = builder.gep(xbase, [builder.load(builder.gep(offs, [k]))])
-    wk = builder.gep(wbase, [builder.mul(k, ir.Constant(i64, v * lanes_n))])
-    wv = [vload(wk, vv * lanes_n) for vv in range(v)]
-    new = []
-    for tt in range(t):
-        s = builder.load(builder.gep(xk, [ir.Constant(i64, tt) if cols is None else cols[tt]]))
-        b = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
-                                   undef, splat)
-        new.append([builder.call(fn_fma, [b, wv[vv], acc[tt][vv]]) for vv in range(v)])
-    k1 = builder.add(k, ir.Constant(i64, 1))
-    end = builder.basic_block
-    k.add_incoming(k1, end)
-    for tt in range(t):
-        for vv in range(v):
-            acc[tt][vv].add_incoming(new[tt][vv], end)
-    builder.cbranch(builder.icmp_signed("<", k1, nk), loop, after)
-    builder.position_at_end(after)
-    result = []
-    for tt in range(t):
-        result.append([])
-        for vv in range(v):
-            phi = builder.phi(vty)
-            phi.add_incoming(init[vv], pre)
-            phi.add_incoming(new[tt][vv], end)
-            result[tt].append(phi)
+
+    def taps(k, acc):
+        xk = builder.gep(xbase, [builder.load(builder.gep(offs, [k]))])
+        wk = builder.gep(wbase, [builder.mul(k, ir.Constant(i64, v * lanes_n))])
+        wv = [vload(wk, vv * lanes_n) for vv in range(v)]
+        new = []
+        for tt in range(t):
+            b = _splat(builder, vty, builder.load(builder.gep(
+                xk, [ir.Constant(i64, tt) if cols is None else cols[tt]])))
+            new += [builder.call(fn_fma, [b, wv[vv], acc[tt * v + vv]]) for vv in range(v)]
+        return new
+
+    flat = _tap_loop(builder, f"tile{t}x{v}", nk, [init[q % v] for q in range(t * v)], taps)
+    result = [flat[tt * v:(tt + 1) * v] for tt in range(t)]
     for vv in range(v):
         # This vector's channels that exist (the rest of a last block is padding).
         live = builder.select(builder.icmp_signed("<", n_co, ir.Constant(i64, vv * lanes_n)),
@@ -307,6 +325,112 @@ def tile_fma_rows(typingctx, x, xoff, rowstride, offs, nk, w, woff, bias, boff, 
                             for q in range(rcase * tcase)]
                     _emit_tile(builder, fn_fma, vty, size, ptrs, as_i64(4), as_i64(11),
                                as_i64(12), rcase * tcase, vcase, done, scratch, cols)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------- pixel tiles
+# tile_fma's vectors are output channels: a conv with few of them (the input gradient of a
+# layer whose input has 3 or 6 channels) fills 3 or 6 of 16 lanes. ``tile_fma_pixels`` turns
+# the tile around: a vector holds L consecutive output pixels (one flat run of a plane whose
+# rows are padded so that every tap is a constant offset), the t <= ``pixel_channels()``
+# output channels are broadcast weights, and the tile adds its r vectors per channel to the
+# output as they are (no transpose; adding lets a caller sum the taps in chunks of input
+# channels that stay in cache). Per tap: t broadcasts and r unaligned vector loads for t*r
+# FMAs.
+def pixel_channels() -> int:
+    """Largest t (output channels per pixel tile)."""
+    return 8 if _wide_vectors() else 4
+
+
+def pixel_vectors(t: int) -> int:
+    """r, the vectors of pixels a tile of t channels takes: t*r accumulators, t broadcasts
+    and one loaded vector within the vector registers (32 with AVX-512, else 16), at most 8."""
+    regs = 32 if _wide_vectors() else 16
+    return max(1, min(8, (regs - 1 - t) // t))
+
+
+def _emit_pixel_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, t, r, done):
+    """One (t, r) case of tile_fma_pixels: its tap loop with t*r accumulators as phis from
+    the output's values, then each channel's r vectors stored back at out + c*ostride; then a
+    branch to done."""
+    xbase, offs, wbase, obase = ptrs
+    i64 = ir.IntType(64)
+    lanes_n = vty.count
+    vptr = vty.as_pointer()
+
+    def vptr_at(ptr, off):
+        return builder.bitcast(builder.gep(ptr, [off if isinstance(off, ir.Value)
+                                                 else ir.Constant(i64, off)]), vptr)
+
+    rows = [builder.gep(obase, [builder.mul(ir.Constant(i64, tt), ostride)]) for tt in range(t)]
+    init = [builder.load(vptr_at(rows[tt], vv * lanes_n), align=align)
+            for tt in range(t) for vv in range(r)]
+
+    def taps(k, acc):
+        xk = builder.gep(xbase, [builder.load(builder.gep(offs, [k]))])
+        wk = builder.gep(wbase, [builder.mul(k, ir.Constant(i64, t))])
+        bcast = [_splat(builder, vty, builder.load(builder.gep(wk, [ir.Constant(i64, tt)])))
+                 for tt in range(t)]
+        new = [None] * (t * r)
+        for vv in range(r):  # one loaded vector live at a time
+            xv = builder.load(vptr_at(xk, vv * lanes_n), align=align)
+            for tt in range(t):
+                new[tt * r + vv] = builder.call(fn_fma, [bcast[tt], xv, acc[tt * r + vv]])
+        return new
+
+    flat = _tap_loop(builder, f"pix{t}x{r}", nk, init, taps)
+    result = [flat[tt * r:(tt + 1) * r] for tt in range(t)]
+    for tt in range(t):
+        for vv in range(r):
+            builder.store(result[tt][vv], vptr_at(rows[tt], vv * lanes_n), align=align)
+    builder.branch(done)
+
+
+@intrinsic
+def tile_fma_pixels(typingctx, x, xoff, offs, nk, w, woff, out, ooff, ostride, t, r):
+    """A tile of t channels x r vectors of L pixels (see above)::
+
+        out[ooff + c*ostride + q] += sum_k w[woff + k*t + c] * x[xoff + offs[k] + q]
+
+    for c < t, q < r*L; 1 <= t <= ``pixel_channels()`` and r in (1, ``pixel_vectors(t)``);
+    other (t, r) store nothing. x, w, out: 1-D contiguous arrays of one float dtype; offs:
+    1-D int64, at least nk entries. No bounds checks: the caller keeps every read and write
+    inside its arrays."""
+    if not _float_runs((x, w, out), (xoff, nk, woff, ooff, ostride, t, r)):
+        return None
+    if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1):
+        return None
+    sig = types.void(x, xoff, offs, nk, w, woff, out, ooff, ostride, t, r)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        i64 = ir.IntType(64)
+
+        def as_i64(i):
+            return context.cast(builder, args[i], tys[i], types.int64)
+
+        def data(i):
+            return context.make_array(tys[i])(context, builder, args[i]).data
+
+        vty, size = _vector_type(context, tys[0].dtype)
+        suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
+        fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
+                                                  ir.FunctionType(vty, [vty] * 3))
+        ptrs = (builder.gep(data(0), [as_i64(1)]), data(2), builder.gep(data(4), [as_i64(5)]),
+                builder.gep(data(6), [as_i64(7)]))
+        key = builder.add(builder.mul(as_i64(9), ir.Constant(i64, 64)), as_i64(10))
+        done = builder.append_basic_block("pix.done")
+        switch = builder.switch(key, done)
+        for tcase in range(1, pixel_channels() + 1):
+            for rcase in sorted({1, pixel_vectors(tcase)}):
+                block = builder.append_basic_block(f"pix{tcase}x{rcase}")
+                switch.add_case(ir.Constant(i64, tcase * 64 + rcase), block)
+                builder.position_at_end(block)
+                _emit_pixel_tile(builder, fn_fma, vty, size, ptrs, as_i64(3), as_i64(8),
+                                 tcase, rcase, done)
         builder.position_at_end(done)
         return context.get_dummy_value()
 

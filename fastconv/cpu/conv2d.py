@@ -12,10 +12,11 @@ pixels (``_pointwise_band``).
 
 The gradients of those other layers, where a group's channels fill enough of a vector's
 lanes (``*_MIN_FILL``): grad_input as tiles too, one stride-1 conv of grad_out per stride
-phase of the input (see ``_input_grad_tiles``); grad_weight (kernels larger than 1x1, dW = 1)
-as tiles whose taps are the batch's output pixels (see "Weight gradients as tiles"). The
-rest (few channels, 1x1 layers, dilated columns): per work item (image n, group g), chunks of
-whole output rows (~256 columns) are im2col-ed, in the "wide" layout of the input's
+phase of the input (see ``_input_grad_tiles``; one-group layers with fewer input channels:
+pixel tiles, a vector of output pixels at a time, see ``_pixel_phases``); grad_weight
+(kernels larger than 1x1, dW = 1) as tiles whose taps are the batch's output pixels (see
+"Weight gradients as tiles"). The rest (few channels, 1x1 layers, dilated columns): per
+work item (image n, group g), chunks of whole output rows (~256 columns) are im2col-ed, in the "wide" layout of the input's
 stride-phase planes (see ``_phase_planes``: one contiguous copy per tap, any stride), into a
 (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied with
 BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input already is that
@@ -25,7 +26,8 @@ one GEMM (the weight gradient: all of them, one deep GEMM per block of output ch
 That is the rule. Where a pass has more than one algorithm that computes it (Winograd layers:
 the rule's other choice too; 1x1 layers read as they are: tiles and the GEMM; the input
 gradient of strided one-group layers: the phase tiles and a GEMM per tap on shifted views,
-see ``_input_grad_phase_gemm``), the first call on a configuration with enough work times
+see ``_input_grad_phase_gemm``; of one-group layers with few input channels: pixel tiles
+and im2col + BLAS), the first call on a configuration with enough work times
 them and keeps the fastest (see ``_autotune``).
 
 Parallelism and determinism:
@@ -56,7 +58,8 @@ from .._args import Conv2dParams
 from . import _autotune, _blas, _microkernel, _runtime
 from ._runtime import (engine_threads, float32_for_half, l2_bytes, parallel_kernel,
                        parallel_region)
-from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, tile_fma_rows, transpose_block,
+from ._microkernel import (WINOGRAD4_G, copy_run, tile_fma, tile_fma_pixels, tile_fma_rows,
+                           transpose_block,
                            winograd4_grad_band, winograd4_input_band, winograd4_output_band,
                            winograd_grad_band, winograd_input_band, winograd_output_band)
 from ._window import (U2, U64, add_at, col_range, copy_at, fill, fill_at, front,
@@ -896,6 +899,195 @@ def _interleave_phases(buf, offsets, strides, gx4, n0, count, sh, sw):
                 src = offsets[p] + m * strides[p, 0] + c * strides[p, 1] + r * strides[p, 2]
                 for q in range((w - b + sw - 1) // sw):
                     gx[dst + q * sw + b] = buf[src + q]
+
+
+# Input gradients by pixel tiles (``_microkernel.tile_fma_pixels``), for layers with few
+# input channels (an RGB or LeNet input: 3 or 6 of a vector's 16 lanes in the channel tiles).
+# Phase (a, b) of the gradient (see "Input gradients as tiles" below) is a stride-1 conv of
+# grad_out with its sub-kernel, computed here a vector of L output pixels at a time. Per work
+# item (image, band of phase rows), grad_out's rows for the band are copied a chunk of
+# channels at a time (an L2-sized buffer) into zero-padded rows of one pitch Wp that every
+# phase's taps reach, so output pixel p = r*Wp + q of any phase reads tap (c, i, j) at a
+# constant offset from p; every phase's tiles add that chunk's taps to the phase's band
+# buffer, and the finished band is written into the gradient, phase pixels at their stride.
+# grad_out is read once for all phases, and the copies stay in cache. Measured (2 threads,
+# float32, ms, pixel tiles against im2col and BLAS; PyTorch): ResNet's 7x7 stride-2 stem (3
+# channels, 224x224, batch 8) 10.9-11.1 against 16.1-16.5 (48-50); 3x3 3 -> 64 on 224x224,
+# batch 4, 5.4-6.8 against 6.5-9.1 (40); 8 -> 32 on 56x56 0.68 against 0.92 (1.5). (Copied
+# per phase in bands of 256 KiB, the stem took 17.5; in 2 MiB bands, 13.7.)
+@parallel_kernel
+def _pixel_phases(gy4, wpk, gx4, desc, t, rs, lanes_n, sh, sw, pt, pb, pl, wp, hq, band_rows,
+                  chunk):
+    """gx4 (N, C_in, H, W) = the input gradient, from gy4 (N, C_out, Ho, Wo), of a one-group
+    conv given by its phases: desc[p] = (a, b, taps_i, taps_j, dh, dw, pad_h, pad_w, hq_p,
+    wq_p, woff), phase p's stride-1 conv (padding pad_h, pad_w; a sub-kernel of taps_i x
+    taps_j taps, dilation dh, dw) writing gx4[:, :, r*sh + a, q*sw + b] for r < hq_p, q <
+    wq_p; its weights at wpk[woff:], per block of t input channels tap-major: [woff +
+    (blk*K + k)*t + c], K = C_out*taps_i*taps_j, zero past C_in. pt, pb, pl: the rows above,
+    below and columns left that the phases' taps reach; wp: the common row pitch; hq: the
+    most rows of a phase; rs[t] = ``pixel_vectors(t)``."""
+    n_img, c_g, ho, wo = gy4.shape
+    c_x, h, w = gx4.shape[1], gx4.shape[2], gx4.shape[3]
+    nph = desc.shape[0]
+    nblk = -(-c_x // t)
+    r = rs[t]
+    whole = r * lanes_n
+    bands = -(-hq // band_rows)
+    gflat, xflat = gy4.reshape(-1), gx4.reshape(-1)
+    taps_max = 0
+    for p in range(nph):
+        taps_max = max(taps_max, desc[p, 2] * desc[p, 3])
+    for item in prange(n_img * bands):
+        img, band = item // bands, item % bands
+        r0 = band * band_rows
+        rows = min(band_rows, hq - r0)
+        rows_in = rows + pt + pb
+        # Slack past the rows: a phase's last tile runs up to a tile past its band's pixels
+        # (and past the columns its taps reach, a row more): reads and writes there are
+        # thrown away, as are the columns past a phase's Wq in each row.
+        plane = (rows_in + 1) * wp + whole
+        xb = np.zeros(chunk * plane, dtype=gy4.dtype)
+        ystride = rows * wp + whole
+        yb = np.zeros(nph * nblk * t * ystride, dtype=gy4.dtype)
+        offs = np.empty((nph, chunk * taps_max), dtype=np.int64)
+        for p in range(nph):
+            ti, tj, dh, dw, ph, pw = desc[p, 2], desc[p, 3], desc[p, 4], desc[p, 5], \
+                desc[p, 6], desc[p, 7]
+            for cl in range(chunk):
+                for i in range(ti):
+                    for j in range(tj):
+                        offs[p, (cl * ti + i) * tj + j] = cl * plane + \
+                            (pt - ph + i * dh) * wp + pl - pw + j * dw
+        lo, hi = max(0, pl), min(wp, pl + wo)  # the columns of gy in a padded row
+        for c0 in range(0, c_g, chunk):
+            cc = min(chunk, c_g - c0)
+            for cl in range(cc):
+                for rr in range(rows_in):
+                    d0 = cl * plane + rr * wp
+                    ih = r0 - pt + rr
+                    if ih < 0 or ih >= ho or lo >= hi:
+                        fill_at(xb, d0, wp, 0)
+                        continue
+                    fill_at(xb, d0, lo, 0)
+                    copy_at(xb, d0 + lo, gflat, ((img * c_g + c0 + cl) * ho + ih) * wo + lo - pl,
+                            hi - lo)
+                    fill_at(xb, d0 + hi, wp - hi, 0)
+            for p in range(nph):
+                ti, tj = desc[p, 2], desc[p, 3]
+                span = (min(rows, desc[p, 8] - r0)) * wp
+                nk = cc * ti * tj
+                if span <= 0 or nk == 0:
+                    continue
+                k_all = c_g * ti * tj
+                for blk in range(nblk):
+                    w0 = desc[p, 10] + (blk * k_all + c0 * ti * tj) * t
+                    y0 = (p * nblk + blk) * t * ystride
+                    for q in range(0, span, whole):
+                        tile_fma_pixels(xb, q, offs[p], nk, wpk, w0, yb, y0 + q, ystride, t, r)
+        for p in range(nph):
+            a, b, hq_p, wq_p = desc[p, 0], desc[p, 1], desc[p, 8], desc[p, 9]
+            for blk in range(nblk):
+                for c in range(min(t, c_x - blk * t)):
+                    src = ((p * nblk + blk) * t + c) * ystride
+                    for rr in range(min(rows, hq_p - r0)):
+                        d0 = ((img * c_x + blk * t + c) * h + (r0 + rr) * sh + a) * w + b
+                        s0 = src + rr * wp
+                        if sw == 1:
+                            copy_at(xflat, d0, yb, s0, wq_p)
+                        else:
+                            for q in range(wq_p):
+                                xflat[d0 + q * sw] = yb[s0 + q]
+
+
+def _pixel_plan(c_in: int, kernel_hw, in_hw, params: Conv2dParams, dtype):
+    """The phases and geometry ``_pixel_phases`` computes a one-group layer's input gradient
+    with: (phases, pt, pb, pl, wp, t): each phase (a, b, row taps, column taps, dH', dW',
+    pad_h, pad_w, Hq, Wq) (no taps: an empty list), then the rows above and below and the
+    columns left that the phases' taps reach, the common row pitch, and t input channels a
+    tile."""
+    (kh, kw), (h, w) = kernel_hw, in_hw
+    (sh, sw), (dh, dw) = params.stride, params.dilation
+    top, _, left, _ = params.padding
+    phases = []
+    pt = pb = pl = pr = 0
+    for a in range(sh):
+        for b in range(sw):
+            hq, wq = -(-(h - a) // sh), -(-(w - b) // sw)
+            if hq <= 0 or wq <= 0:
+                continue  # an input smaller than the stride: no such phase
+            (ti, c0_h, dh_), (tj, c0_w, dw_) = _phase_taps(a, top, kh, sh, dh), \
+                _phase_taps(b, left, kw, sw, dw)
+            if not ti or not tj:
+                phases.append((a, b, [], [], 1, 1, 0, 0, hq, wq))
+                continue
+            ph, pw = (len(ti) - 1) * dh_ - c0_h, (len(tj) - 1) * dw_ - c0_w
+            pt, pb = max(pt, ph), max(pb, (len(ti) - 1) * dh_ - ph)
+            pl, pr = max(pl, pw), max(pr, (len(tj) - 1) * dw_ - pw)
+            phases.append((a, b, ti, tj, dh_, dw_, ph, pw, hq, wq))
+    wp = max(ph[9] for ph in phases) + pl + pr
+    return phases, pt, pb, pl, wp, min(c_in, _microkernel.pixel_channels())
+
+
+@functools.lru_cache(maxsize=1024)  # every input gradient of such a layer asks (~5 us)
+def _pixel_waste(n: int, c_out: int, c_in: int, kernel_hw, in_hw, out_hw,
+                 params: Conv2dParams, dtype) -> float:
+    """The multiply-adds pixel tiles make for a one-group layer's input gradient, over the
+    layer's own: they also multiply grad_out's zero padding, the columns between a phase's
+    rows and a last block's unused channels (LeNet's 5x5 layer, 10x10 grad_out padded by 4
+    on every side: 2.5x)."""
+    phases, _, _, _, wp, t = _pixel_plan(c_in, kernel_hw, in_hw, params, dtype)
+    nblk = -(-c_in // t)
+    made = n * nblk * t * c_out * sum(ph[8] * wp * len(ph[2]) * len(ph[3]) for ph in phases)
+    own = n * c_out * out_hw[0] * out_hw[1] * c_in * kernel_hw[0] * kernel_hw[1]
+    return made / max(1, own)
+
+
+def _input_grad_pixels(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
+                       params: Conv2dParams) -> None:
+    """gx (N, C_in, H, W) = the input gradient of a one-group conv from gy (N, C_out, Ho, Wo)
+    and weight (C_out, C_in, kH, kW), by ``_pixel_phases`` (see above)."""
+    n, c_in, h, w = gx.shape
+    c_out, _, kh, kw = weight.shape
+    phases, pt, pb, pl, wp, t = _pixel_plan(c_in, (kh, kw), (h, w), params, gx.dtype)
+    nblk = -(-c_in // t)
+    desc, packs, woff = [], [], 0
+    for a, b, ti, tj, dh_, dw_, ph, pw, hq, wq in phases:
+        if ti:
+            # The phase's conv weight: the sub-kernel transposed (C_in out, C_out in) and
+            # flipped, packed per block of t input channels, tap-major.
+            sub = weight[:, :, ti][:, :, :, tj][:, :, ::-1, ::-1]  # (C_out, C_in, Ti, Tj)
+            k = sub.reshape(c_out, c_in, -1).transpose(0, 2, 1).reshape(-1, c_in)
+            blocks = np.zeros((nblk, k.shape[0], t), dtype=gx.dtype)
+            for blk in range(nblk):
+                part = k[:, blk * t:(blk + 1) * t]
+                blocks[blk, :, :part.shape[1]] = part
+            packs.append(blocks.reshape(-1))
+        desc.append((a, b, len(ti), len(tj), dh_, dw_, ph, pw, hq, wq, woff))
+        woff += packs[-1].size if ti else 0
+    desc = np.array(desc, dtype=np.int64)
+    wpk = np.concatenate(packs) if packs else np.zeros(1, dtype=gx.dtype)
+    hq_max = int(desc[:, 8].max())
+    lanes = _microkernel.lanes(gx.dtype)
+    rs = np.array([0] + [_microkernel.pixel_vectors(c) for c in range(1, t + 1)], np.int64)
+    # A band's phase buffers about _PIXEL_BAND_BYTES; a chunk of channels' copied rows about
+    # _COPY_BYTES; bands enough for every thread.
+    per_row = len(desc) * nblk * t * wp * gx.itemsize
+    band_rows = max(1, min(hq_max, _PIXEL_BAND_BYTES // per_row))
+    threads = engine_threads()
+    if n * -(-hq_max // band_rows) < 2 * threads:
+        band_rows = max(1, -(-hq_max * n // (2 * threads)))
+    plane = (band_rows + pt + pb + 1) * wp + rs[t] * lanes
+    chunk = max(1, min(c_out, _COPY_BYTES // (plane * gx.itemsize)))
+    with parallel_region(n * -(-hq_max // band_rows)):
+        _pixel_phases(gy, wpk, gx, desc, t, rs, lanes, *params.stride, pt, pb, pl, wp, hq_max,
+                      band_rows, chunk)
+
+
+_PIXEL_BAND_BYTES = 160 * 1024
+# See conv2d_backward_input: LeNet's 5x5 layer (6 <- 16 channels, 14x14, batch 64) 2.5 times,
+# 0.47-0.50 ms by pixel tiles against 0.46-0.55 by BLAS; 6 <- 16 channels on 28x28, 5x5 padded
+# by 2, 1.14 times, 0.76 against 0.80-1.34.
+_PIXEL_MAX_WASTE = 1.5
 
 
 def _input_grad_tiles(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
@@ -2331,6 +2523,9 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     def tiles():  # one stride-1 conv per input phase (see _input_grad_tiles)
         _input_grad_tiles(gyn, wn, gxn, params)
 
+    def pixels():  # pixel tiles, phase by phase (see _pixel_phases)
+        _input_grad_pixels(gyn, wn, gxn, params)
+
     def gemm():
         per = _pointwise_per(params, (kh, kw), (h, w), (ho, wo), n)
         if per > 1:
@@ -2346,18 +2541,27 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     # The rule's choice first: Winograd where it applies; tiles where the input channels of a
     # group fill their vectors, except 1x1 layers read as they are, or strided 1x1 ones: for
     # those BLAS on the input as is measured faster (2048 -> 512 on 7x7: 5.0 ms against 6.0),
-    # and tiles are only the alternative for the read-as-is ones.
+    # and tiles are only the alternative for the read-as-is ones. One-group layers with too
+    # few input channels for the tiles: pixel tiles, BLAS the alternative; BLAS first where
+    # the pixel tiles would make more than _PIXEL_MAX_WASTE times the layer's multiply-adds
+    # (small grad_out planes padded wide), or the layer is 1x1 and read as it is.
     candidates = {}
     if _is_winograd(params, weight.shape, (ho, wo)):
         candidates["winograd"] = winograd
         candidates["winograd4"] = functools.partial(winograd, 4)
     tiles_ok = _tiles_fill_lanes(cin_g, gxn.dtype, INPUT_GRAD_MIN_FILL)
+    pixels_ok = g == 1 and not tiles_ok
+    if pixels_ok and not direct and _pixel_waste(n, c_out, c_in, (kh, kw), (h, w), (ho, wo),
+                                                 params, gxn.dtype.str) <= _PIXEL_MAX_WASTE:
+        candidates["pixels"] = pixels
     if tiles_ok and not direct and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
         candidates["tiles"] = tiles
     else:
         candidates["gemm"] = gemm
     if tiles_ok and direct:
         candidates["tiles"] = tiles
+    if pixels_ok:
+        candidates.setdefault("pixels", pixels)
     if g == 1 and params.stride != (1, 1) and (kh, kw) != (1, 1) and tiles_ok:
         candidates["phase-gemm"] = lambda: _input_grad_phase_gemm(gyn, wn, gxn, params)
     _autotune.run(_choice_key("conv2d_backward_input", grad_out, weight, params), candidates,
