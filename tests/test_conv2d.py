@@ -579,11 +579,11 @@ def test_pixel_tiles_are_the_rule_where_they_waste_little():
     from fastconv.cpu import conv2d as cpu_conv2d
 
     stem = conv2d_params((7, 7), stride=2, padding=3)
-    assert cpu_conv2d._pixel_waste(8, 64, 3, (7, 7), (224, 224), (112, 112), stem,
-                                   np.float32) < cpu_conv2d._PIXEL_MAX_WASTE
+    assert cpu_conv2d._pixel_waste(8, 64, 3, (7, 7), (224, 224), (112, 112),
+                                   stem) < cpu_conv2d._PIXEL_MAX_WASTE
     lenet = conv2d_params((5, 5))
-    assert cpu_conv2d._pixel_waste(64, 16, 6, (5, 5), (14, 14), (10, 10), lenet,
-                                   np.float32) > cpu_conv2d._PIXEL_MAX_WASTE
+    assert cpu_conv2d._pixel_waste(64, 16, 6, (5, 5), (14, 14), (10, 10),
+                                   lenet) > cpu_conv2d._PIXEL_MAX_WASTE
     from fastconv.cpu import _autotune
     calls = []
     with mock.patch.object(_autotune, "run", lambda key, c, f: calls.append(list(c)) or

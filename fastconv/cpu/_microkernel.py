@@ -222,12 +222,12 @@ def _emit_tile(builder, fn_fma, vty, align, ptrs, nk, ostride, n_co, t, v, done,
 
 
 def _tile_prologue(context, builder, signature, args, pos):
-    """What a tile intrinsic's codegen starts with. pos: the argument indices of (x, xoff,
-    offs, w, woff, bias, boff, out, ooff). Returns (as_i64: argument index -> i64 value, the
-    vector FMA, the vector type, the element size, ``_emit_tile``'s ptrs, one L x L scratch
-    block)."""
+    """What a tile intrinsic's codegen starts with. pos: the argument indices of its pointer
+    operands, each an array followed by its offset, except ``offs`` at index 1 of pos (x,
+    xoff, offs, w, woff, ...; tile_fma's: bias, boff, out, ooff). Returns (as_i64: argument
+    index -> i64 value, the vector FMA, the vector type, the element size, the pointers: x +
+    xoff, offs, then each further array + its offset; one L x L scratch block)."""
     tys = signature.args
-    ix, ixoff, ioffs, iw, iwoff, ib, iboff, io, iooff = pos
 
     def data(i):
         return context.make_array(tys[i])(context, builder, args[i]).data
@@ -235,11 +235,10 @@ def _tile_prologue(context, builder, signature, args, pos):
     def as_i64(i):
         return context.cast(builder, args[i], tys[i], types.int64)
 
-    vty, size = _vector_type(context, tys[ix].dtype)
+    vty, size = _vector_type(context, tys[pos[0]].dtype)
     suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
-    ptrs = (builder.gep(data(ix), [as_i64(ixoff)]), data(ioffs),
-            builder.gep(data(iw), [as_i64(iwoff)]), builder.gep(data(ib), [as_i64(iboff)]),
-            builder.gep(data(io), [as_i64(iooff)]))
+    ptrs = (builder.gep(data(pos[0]), [as_i64(pos[1])]), data(pos[2]),
+            *(builder.gep(data(a), [as_i64(o)]) for a, o in zip(pos[3::2], pos[4::2])))
     fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
                                               ir.FunctionType(vty, [vty] * 3))
     scratch = cgutils.alloca_once(builder, vty, size=vty.count)
@@ -406,21 +405,9 @@ def tile_fma_pixels(typingctx, x, xoff, offs, nk, w, woff, out, ooff, ostride, t
     sig = types.void(x, xoff, offs, nk, w, woff, out, ooff, ostride, t, r)
 
     def codegen(context, builder, signature, args):
-        tys = signature.args
         i64 = ir.IntType(64)
-
-        def as_i64(i):
-            return context.cast(builder, args[i], tys[i], types.int64)
-
-        def data(i):
-            return context.make_array(tys[i])(context, builder, args[i]).data
-
-        vty, size = _vector_type(context, tys[0].dtype)
-        suffix = f"v{vty.count}{'f32' if size == 4 else 'f64'}"
-        fn_fma = builder.module.declare_intrinsic(f"llvm.fma.{suffix}", (),
-                                                  ir.FunctionType(vty, [vty] * 3))
-        ptrs = (builder.gep(data(0), [as_i64(1)]), data(2), builder.gep(data(4), [as_i64(5)]),
-                builder.gep(data(6), [as_i64(7)]))
+        as_i64, fn_fma, vty, size, ptrs, _ = _tile_prologue(
+            context, builder, signature, args, (0, 1, 2, 4, 5, 6, 7))
         key = builder.add(builder.mul(as_i64(9), ir.Constant(i64, 64)), as_i64(10))
         done = builder.append_basic_block("pix.done")
         switch = builder.switch(key, done)

@@ -10,18 +10,18 @@ t output columns x up to 2 vectors of output channels summed over all taps in re
 im2col, no GEMM call); 1x1 layers on small planes run their tiles over the whole batch's
 pixels (``_pointwise_band``).
 
-The gradients of those other layers, where a group's channels fill enough of a vector's
-lanes (``*_MIN_FILL``): grad_input as tiles too, one stride-1 conv of grad_out per stride
-phase of the input (see ``_input_grad_tiles``; one-group layers with fewer input channels:
-pixel tiles, a vector of output pixels at a time, see ``_pixel_phases``); grad_weight
-(kernels larger than 1x1, dW = 1) as tiles whose taps are the batch's output pixels (see
-"Weight gradients as tiles"). The rest (few channels, 1x1 layers, dilated columns): per
-work item (image n, group g), chunks of whole output rows (~256 columns) are im2col-ed, in the "wide" layout of the input's
-stride-phase planes (see ``_phase_planes``: one contiguous copy per tap, any stride), into a
-(K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied with
-BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input already is that
-matrix; on small planes (at most half a chunk) several images are packed side by side into
-one GEMM (the weight gradient: all of them, one deep GEMM per block of output channels).
+The gradients of those other layers, where a group's channels fill enough of a vector's lanes
+(``*_MIN_FILL``): grad_input as tiles too, one stride-1 conv of grad_out per stride phase of
+the input (see ``_input_grad_tiles``; one-group layers with fewer input channels: pixel tiles,
+a vector of output pixels at a time, see ``_pixel_phases``); grad_weight (kernels larger than
+1x1, dW = 1) as tiles whose taps are the batch's output pixels (see "Weight gradients as
+tiles"). The rest (few channels, 1x1 layers, dilated columns): per work item (image n, group
+g), chunks of whole output rows (~256 columns) are im2col-ed, in the "wide" layout of the
+input's stride-phase planes (see ``_phase_planes``: one contiguous copy per tap, any stride),
+into a (K, chunk) matrix, K = C_in/groups * kH * kW, small enough to stay in L2, and multiplied
+with BLAS. A 1x1 kernel with stride 1 and no padding skips im2col: the input already is that
+matrix; on small planes (at most half a chunk) several images are packed side by side into one
+GEMM (the weight gradient: all of them, one deep GEMM per block of output channels).
 
 That is the rule. Where a pass has more than one algorithm that computes it (Winograd layers:
 the rule's other choice too; 1x1 layers read as they are: tiles and the GEMM; the input
@@ -595,7 +595,6 @@ def _pack_block(w5, transposed, g, cb, wpk, bpk, b1, lanes):
                 dst[kk * lv + c] = src[s1 + kk]
 
 
-
 @njit(cache=True, nogil=True)
 def _run_end(r0, p1, run, tile):
     """End of the run of up to ``run`` pixels from r0 in [r0, p1): a rest shorter than a
@@ -958,20 +957,10 @@ def _pixel_phases(gy4, wpk, gx4, desc, t, rs, lanes_n, sh, sw, pt, pb, pl, wp, h
                     for j in range(tj):
                         offs[p, (cl * ti + i) * tj + j] = cl * plane + \
                             (pt - ph + i * dh) * wp + pl - pw + j * dw
-        lo, hi = max(0, pl), min(wp, pl + wo)  # the columns of gy in a padded row
         for c0 in range(0, c_g, chunk):
             cc = min(chunk, c_g - c0)
-            for cl in range(cc):
-                for rr in range(rows_in):
-                    d0 = cl * plane + rr * wp
-                    ih = r0 - pt + rr
-                    if ih < 0 or ih >= ho or lo >= hi:
-                        fill_at(xb, d0, wp, 0)
-                        continue
-                    fill_at(xb, d0, lo, 0)
-                    copy_at(xb, d0 + lo, gflat, ((img * c_g + c0 + cl) * ho + ih) * wo + lo - pl,
-                            hi - lo)
-                    fill_at(xb, d0 + hi, wp - hi, 0)
+            _phase_rows(gflat, (img * c_g + c0) * ho * wo, cc, ho, wo, xb, plane, rows_in,
+                        r0 - pt, pl, 1, wp)
             for p in range(nph):
                 ti, tj = desc[p, 2], desc[p, 3]
                 span = (min(rows, desc[p, 8] - r0)) * wp
@@ -999,7 +988,7 @@ def _pixel_phases(gy4, wpk, gx4, desc, t, rs, lanes_n, sh, sw, pt, pb, pl, wp, h
                                 xflat[d0 + q * sw] = yb[s0 + q]
 
 
-def _pixel_plan(c_in: int, kernel_hw, in_hw, params: Conv2dParams, dtype):
+def _pixel_plan(c_in: int, kernel_hw, in_hw, params: Conv2dParams):
     """The phases and geometry ``_pixel_phases`` computes a one-group layer's input gradient
     with: (phases, pt, pb, pl, wp, t): each phase (a, b, row taps, column taps, dH', dW',
     pad_h, pad_w, Hq, Wq) (no taps: an empty list), then the rows above and below and the
@@ -1030,12 +1019,12 @@ def _pixel_plan(c_in: int, kernel_hw, in_hw, params: Conv2dParams, dtype):
 
 @functools.lru_cache(maxsize=1024)  # every input gradient of such a layer asks (~5 us)
 def _pixel_waste(n: int, c_out: int, c_in: int, kernel_hw, in_hw, out_hw,
-                 params: Conv2dParams, dtype) -> float:
+                 params: Conv2dParams) -> float:
     """The multiply-adds pixel tiles make for a one-group layer's input gradient, over the
     layer's own: they also multiply grad_out's zero padding, the columns between a phase's
     rows and a last block's unused channels (LeNet's 5x5 layer, 10x10 grad_out padded by 4
     on every side: 2.5x)."""
-    phases, _, _, _, wp, t = _pixel_plan(c_in, kernel_hw, in_hw, params, dtype)
+    phases, _, _, _, wp, t = _pixel_plan(c_in, kernel_hw, in_hw, params)
     nblk = -(-c_in // t)
     made = n * nblk * t * c_out * sum(ph[8] * wp * len(ph[2]) * len(ph[3]) for ph in phases)
     own = n * c_out * out_hw[0] * out_hw[1] * c_in * kernel_hw[0] * kernel_hw[1]
@@ -1048,7 +1037,7 @@ def _input_grad_pixels(gy: np.ndarray, weight: np.ndarray, gx: np.ndarray,
     and weight (C_out, C_in, kH, kW), by ``_pixel_phases`` (see above)."""
     n, c_in, h, w = gx.shape
     c_out, _, kh, kw = weight.shape
-    phases, pt, pb, pl, wp, t = _pixel_plan(c_in, (kh, kw), (h, w), params, gx.dtype)
+    phases, pt, pb, pl, wp, t = _pixel_plan(c_in, (kh, kw), (h, w), params)
     nblk = -(-c_in // t)
     desc, packs, woff = [], [], 0
     for a, b, ti, tj, dh_, dw_, ph, pw, hq, wq in phases:
@@ -2552,7 +2541,7 @@ def conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_sh
     tiles_ok = _tiles_fill_lanes(cin_g, gxn.dtype, INPUT_GRAD_MIN_FILL)
     pixels_ok = g == 1 and not tiles_ok
     if pixels_ok and not direct and _pixel_waste(n, c_out, c_in, (kh, kw), (h, w), (ho, wo),
-                                                 params, gxn.dtype.str) <= _PIXEL_MAX_WASTE:
+                                                 params) <= _PIXEL_MAX_WASTE:
         candidates["pixels"] = pixels
     if tiles_ok and not direct and (params.stride == (1, 1) or (kh, kw) != (1, 1)):
         candidates["tiles"] = tiles
